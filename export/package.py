@@ -1,0 +1,220 @@
+"""Build a model package: checkpoint folder -> build/<name>/<target>/ with a manifest.
+
+Stages, each reported as it runs: inspect (hash) -> load -> ONNX export -> weights split out ->
+target-specific optimisation -> tokenizers -> manifest. The package is assembled in a temporary
+folder and renamed into place, so an interrupted export never leaves a half package behind; an
+unchanged checkpoint (same file hashes, same target and tool versions) is reused unless forced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+from engine.errors import CheckpointError, PackageError
+from engine.manifest import (
+    FORMAT_VERSION,
+    Component,
+    Defaults,
+    Manifest,
+    SizeLimits,
+    TensorSpec,
+    read_manifest,
+    write_manifest,
+)
+from export.checkpoint import CheckpointInfo, inspect_checkpoint, sha256_file
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("cpu", "cuda", "tensorrt")
+DEFAULT_OPSET = 17
+ONNX_DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 16: "bfloat16"}
+# Native resolution per family: what sizes and defaults derive from.
+NATIVE_SIDE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for dist in ("kiln", "torch", "diffusers", "transformers", "optimum-onnx", "onnx", "onnxruntime"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+class Stages:
+    """Prints `[k/N] stage ... done in Xs` so a long export shows where it is."""
+
+    def __init__(self, total: int):
+        self.total, self.k, self.t0 = total, 0, 0.0
+
+    def start(self, what: str) -> None:
+        self.k += 1
+        self.t0 = time.perf_counter()
+        log.info("[%d/%d] %s ...", self.k, self.total, what)
+
+    def done(self, detail: str = "") -> None:
+        log.info("[%d/%d] done in %.1fs %s", self.k, self.total, time.perf_counter() - self.t0, detail)
+
+
+def _tensor_specs(values) -> list[TensorSpec]:
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        specs.append(TensorSpec(name=v.name, dtype=ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), shape=shape))
+    return specs
+
+
+def split_weights(model_path: Path) -> Component:
+    """Rewrite model.onnx with its initializers in weights.bin beside it.
+
+    The engine maps weights.bin once and hands the same buffers to every per-resolution session,
+    so specialising shapes does not multiply memory.
+    """
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=True)
+    for stale in model_path.parent.glob("*"):
+        if stale != model_path:
+            stale.unlink()
+    onnx.save_model(
+        model,
+        str(model_path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=1024,
+    )
+    folder = model_path.parent.name
+    weights = model_path.parent / "weights.bin"
+    return Component(
+        file=f"{folder}/model.onnx",
+        sha256=sha256_file(model_path),
+        inputs=_tensor_specs(model.graph.input),
+        outputs=_tensor_specs(model.graph.output),
+        weights_file=f"{folder}/weights.bin" if weights.exists() else None,
+    )
+
+
+def _reusable(out: Path, info: CheckpointInfo, target: str) -> bool:
+    try:
+        manifest = read_manifest(out)
+    except PackageError:
+        return False
+    return (
+        manifest.source_digest == info.digest
+        and manifest.target == target
+        and manifest.tools.get("kiln") == tool_versions().get("kiln")
+    )
+
+
+def default_sampling(info: CheckpointInfo, scheduler: dict) -> Defaults:
+    # Zero-terminal-SNR v-prediction models want trailing DDIM and guidance rescale (Lin et al. 2023).
+    if scheduler.get("rescale_betas_zero_snr"):
+        return Defaults(sampler="ddim", steps=20, guidance_scale=6.0, guidance_rescale=0.7)
+    return Defaults(sampler="euler", steps=30, guidance_scale=7.5 if info.family != "sdxl" else 5.0)
+
+
+def build_package(
+    checkpoint: Path,
+    out_root: Path = Path("build"),
+    target: str = "cpu",
+    name: str | None = None,
+    force: bool = False,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export `checkpoint` for `target`; returns the package folder."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+    from export.targets import check_target_tools
+
+    check_target_tools(target)
+    stages = Stages(8)
+    stages.start(f"inspect {checkpoint}")
+    info = inspect_checkpoint(Path(checkpoint))
+    name = name or Path(checkpoint).resolve().name
+    out = Path(out_root) / name / target
+    stages.done(f"({info.family}, {info.prediction_type}, digest {info.digest[:12]})")
+    if not force and _reusable(out, info, target):
+        log.info("%s is up to date with %s (same file hashes); use --force to rebuild", out, checkpoint)
+        return out
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        stages.start("load the checkpoint with diffusers")
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(str(checkpoint))
+        except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+            raise CheckpointError(f"diffusers could not load {checkpoint}: {e}") from None
+        stages.done()
+
+        stages.start("export text encoder(s), UNet and VAE decoder to ONNX (optimum)")
+        from export.onnx_export import export_components
+
+        onnx_paths = export_components(pipeline, tmp, opset)
+        stages.done(f"({', '.join(onnx_paths)})")
+
+        stages.start("split weights out of the graphs")
+        components = {name: split_weights(path) for name, path in onnx_paths.items()}
+        stages.done()
+
+        stages.start(f"optimise for {target}")
+        from export.targets import optimise_for_target
+
+        components, precision = optimise_for_target(target, tmp, components, info)
+        stages.done(f"({precision})")
+
+        stages.start("tokenizers")
+        from export.tokenizer_files import write_tokenizer
+
+        tokenizers = [write_tokenizer(info.path, tmp, folder) for folder in info.tokenizers]
+        stages.done()
+
+        stages.start("manifest")
+        scheduler = json.loads((info.path / "scheduler" / "scheduler_config.json").read_text())
+        vae_config = pipeline.vae.config
+        native = NATIVE_SIDE[info.family]
+        if info.family != "sdxl" and getattr(pipeline.unet.config, "sample_size", None):
+            native = int(pipeline.unet.config.sample_size) * 8 if pipeline.unet.config.sample_size >= 32 else native
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            name=name,
+            family=info.family,
+            prediction_type=info.prediction_type,
+            target=target,
+            precision=precision,
+            opset=opset,
+            components=components,
+            tokenizers=tokenizers,
+            scheduler_config=scheduler,
+            vae_scaling_factor=float(vae_config.scaling_factor),
+            latent_channels=int(vae_config.latent_channels),
+            vae_scale_factor=2 ** (len(vae_config.block_out_channels) - 1),
+            sizes=SizeLimits(min_side=64, max_side=2048, multiple_of=8, default=f"{native}x{native}", native=f"{native}x{native}"),
+            defaults=default_sampling(info, scheduler),
+            source_digest=info.digest,
+            source_files=info.file_hashes,
+            tools=tool_versions(),
+            force_zeros_for_empty_prompt=bool(getattr(pipeline.config, "force_zeros_for_empty_prompt", False)),
+        )
+        write_manifest(tmp, manifest)
+        stages.done()
+
+        stages.start(f"move into place at {out}")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        stages.done()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
