@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 DEFAULT_OPSET = 17
-ONNX_DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 16: "bfloat16"}
+ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64"}
 # Native resolution per family: what sizes and defaults derive from.
 NATIVE_SIDE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 
@@ -93,6 +93,7 @@ def split_weights(model_path: Path) -> Component:
     )
     folder = model_path.parent.name
     weights = model_path.parent / "weights.bin"
+    _write_weights_index(model, model_path.parent / "weights.json")
     return Component(
         file=f"{folder}/model.onnx",
         sha256=sha256_file(model_path),
@@ -100,6 +101,23 @@ def split_weights(model_path: Path) -> Component:
         outputs=_tensor_specs(model.graph.output),
         weights_file=f"{folder}/weights.bin" if weights.exists() else None,
     )
+
+
+def _write_weights_index(model, path: Path) -> None:
+    """name -> dtype, shape, offset, length of each external initializer, so the engine can map
+    weights.bin without parsing protobuf (the serving install has no `onnx` package)."""
+    index = {}
+    for init in model.graph.initializer:
+        location = {kv.key: kv.value for kv in init.external_data}
+        if "location" not in location:
+            continue
+        index[init.name] = {
+            "dtype": ONNX_DTYPES[init.data_type],
+            "shape": list(init.dims),
+            "offset": int(location.get("offset", 0)),
+            "length": int(location["length"]),
+        }
+    path.write_text(json.dumps(index))
 
 
 def _reusable(out: Path, info: CheckpointInfo, target: str) -> bool:

@@ -1,0 +1,138 @@
+"""onnxruntime sessions for a package's components, specialised per resolution, weights shared.
+
+Fixed shapes let onnxruntime plan memory and pick kernels for one resolution, which is faster on
+CPU than dynamic height/width. Each specialised session would normally read its own copy of the
+weights; instead every component's weights.bin is mapped once and its buffers are handed to each
+session with `SessionOptions.add_initializer`, so N resolutions cost one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from engine.errors import IncompatiblePackageError, PackageError
+from engine.manifest import Component
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    threads: int = 0  # 0: onnxruntime's default (one per physical core)
+    optimization: str = "all"  # "basic" | "extended" | "all"
+    cpu_mem_arena: bool = True
+
+
+def check_provider(target: str) -> list[str]:
+    """The providers to run a `target` package with; refuse if this machine has none of them."""
+    if target not in PROVIDERS:
+        raise IncompatiblePackageError(
+            f"this engine runs packages for {', '.join(PROVIDERS)} with onnxruntime; the package targets {target!r}"
+        )
+    wanted = PROVIDERS[target][0]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise IncompatiblePackageError(
+            f"the package was exported for {target}, which needs onnxruntime's {wanted}; this machine has "
+            f"{', '.join(available)} (install onnxruntime-gpu with CUDA, or export TARGET=cpu)"
+        )
+    return PROVIDERS[target]
+
+
+class SharedWeights:
+    """A component's initializers mapped from weights.bin once, as OrtValues any session can use."""
+
+    def __init__(self, package: Path, component: Component):
+        self.values: dict[str, ort.OrtValue] = {}
+        self._arrays: list[np.ndarray] = []  # keep the buffers alive as long as the sessions
+        if component.weights_file is None:
+            return
+        weights = package / component.weights_file
+        index_path = weights.with_name("weights.json")
+        try:
+            index = json.loads(index_path.read_text())
+            blob = np.memmap(weights, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise PackageError(f"cannot read the weights of {component.file}: {e}") from None
+        for name, entry in index.items():
+            raw = blob[entry["offset"] : entry["offset"] + entry["length"]]
+            if raw.shape[0] != entry["length"]:
+                raise PackageError(f"{weights} is truncated: {name} runs past its end; re-export the package")
+            # Copy out of the mapping into one owned buffer per tensor: onnxruntime needs aligned,
+            # writable-or-not-but-stable memory, and a private copy avoids page-cache surprises.
+            array = np.frombuffer(raw, dtype=entry["dtype"]).reshape(entry["shape"]).copy()
+            self._arrays.append(array)
+            self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+
+
+class ComponentSessions:
+    """One component: a session per fixed-shape key, created on first use, weights shared."""
+
+    def __init__(self, package: Path, name: str, component: Component, providers: list[str], options: RuntimeOptions):
+        self.name = name
+        self.path = package / component.file
+        if not self.path.is_file():
+            raise PackageError(f"{self.path} is missing from the package; re-export it")
+        self.component = component
+        self.providers = providers
+        self.options = options
+        self.weights = SharedWeights(package, component)
+        self._sessions: dict[tuple, ort.InferenceSession] = {}
+        self._lock = threading.Lock()
+        self.input_names = [spec.name for spec in component.inputs]
+        self.output_names = [spec.name for spec in component.outputs]
+
+    def session(self, fixed_dims: dict[str, int] | None = None) -> ort.InferenceSession:
+        key = tuple(sorted((fixed_dims or {}).items()))
+        with self._lock:
+            sess = self._sessions.get(key)
+            if sess is None:
+                sess = self._create(fixed_dims or {})
+                self._sessions[key] = sess
+            return sess
+
+    def _create(self, fixed_dims: dict[str, int]) -> ort.InferenceSession:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.options.optimization]
+        if self.options.threads:
+            so.intra_op_num_threads = self.options.threads
+        so.inter_op_num_threads = 1
+        so.enable_cpu_mem_arena = self.options.cpu_mem_arena
+        so.log_severity_level = 3
+        for dim, value in fixed_dims.items():
+            so.add_free_dimension_override_by_name(dim, int(value))
+        for name, value in self.weights.values.items():
+            so.add_initializer(name, value)
+        log.debug("creating %s session for %s", self.name, fixed_dims or "dynamic shapes")
+        try:
+            return ort.InferenceSession(str(self.path), so, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise PackageError(f"onnxruntime cannot load {self.path}: {e}") from None
+
+    def run(self, feeds: dict[str, np.ndarray], fixed_dims: dict[str, int] | None = None) -> list[np.ndarray]:
+        return self.session(fixed_dims).run(self.output_names, feeds)
+
+    @property
+    def loaded_shapes(self) -> list[tuple]:
+        return list(self._sessions)
+
+
+def default_threads() -> int:
+    return int(os.environ.get("KILN_THREADS", "0"))
