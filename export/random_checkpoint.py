@@ -37,7 +37,7 @@ def _clip_tokenizer(pad_token: str):
     with tempfile.TemporaryDirectory() as tmp:
         clip_tokenizer_files(Path(tmp))
         return CLIPTokenizer(
-            vocab_file=f"{tmp}/vocab.json", merges_file=f"{tmp}/merges.txt", pad_token=pad_token
+            vocab_file=f"{tmp}/vocab.json", merges_file=f"{tmp}/merges.txt", pad_token=pad_token, model_max_length=77
         )
 
 

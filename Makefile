@@ -1,0 +1,53 @@
+# Kiln: `make serve` and `make test` do all set-up on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 8000
+TARGET ?= cpu
+MODEL ?= models/kiln-shapes
+NAME ?=
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install test serve export info default-model eval-default-model bench clean
+
+help:
+	@echo "make serve [PORT=8000]          start a worker and the API on the bundled model"
+	@echo "make test                       run the test suite"
+	@echo "make export MODEL=<dir> [TARGET=cpu] [NAME=...]   build a model package"
+	@echo "make bench                      benchmarks, results under benchmarks/results/"
+	@echo "make default-model              retrain the bundled model (about 75 minutes on 2 cores)"
+	@echo "make eval-default-model         score the bundled model's prompt following"
+
+# Development install: serving + export (torch CPU, pinned) + test tools.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+export: $(STAMP)
+	$(BIN)/kiln export $(MODEL) --target $(TARGET) $(if $(NAME),--name $(NAME))
+
+info: $(STAMP)
+	$(BIN)/kiln info build/$(notdir $(MODEL))/$(TARGET)
+
+serve: $(STAMP)
+	$(BIN)/kiln serve --port $(PORT) --model $(MODEL)
+
+default-model: $(STAMP)
+	$(BIN)/python -m export.default_model.train --out $(MODEL)
+
+eval-default-model: $(STAMP)
+	$(BIN)/python -m export.default_model.evaluate --model $(MODEL)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf build

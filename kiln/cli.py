@@ -1,0 +1,128 @@
+"""`kiln <command>`: export, generate, info, worker, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from engine.errors import KilnError
+
+log = logging.getLogger("kiln")
+
+
+def _export(args) -> int:
+    from export.package import build_package
+
+    out = build_package(Path(args.model), Path(args.out), target=args.target, name=args.name, force=args.force)
+    print(out)
+    return 0
+
+
+def _generate(args) -> int:
+    from tqdm import tqdm
+
+    from engine.pipeline import ImageRequest, Pipeline
+    from engine.shapes import parse_size
+    from kiln.default_model import ensure_package
+
+    package = Path(args.package) if args.package else ensure_package()
+    pipe = Pipeline(package)
+    width, height = parse_size(args.size) if args.size else parse_size(pipe.manifest.sizes.default)
+    req = ImageRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        width=width,
+        height=height,
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        sampler=args.sampler,
+    )
+    bar = tqdm(total=None, unit="step", desc="denoising", file=sys.stderr)
+
+    def on_step(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    image = pipe.generate([req], on_step=on_step)[0]
+    bar.close()
+    from PIL import Image
+
+    Image.fromarray(image).save(args.output)
+    print(args.output)
+    return 0
+
+
+def _info(args) -> int:
+    from engine.info import describe_package
+
+    print(describe_package(Path(args.package)))
+    return 0
+
+
+def _worker(args) -> int:
+    from engine.worker.main import main as worker_main
+
+    return worker_main(args.rest)
+
+
+def _serve(args) -> int:
+    from server.main import main as serve_main
+
+    return serve_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Offline image generation with Stable Diffusion packages.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a local diffusers checkpoint to a model package")
+    p.add_argument("model", help="local diffusers checkpoint folder")
+    p.add_argument("--target", default="cpu", help="cpu (default), cuda or tensorrt")
+    p.add_argument("--name", default=None, help="package name (default: the folder's name)")
+    p.add_argument("--out", default="build", help="where packages go (default: build/)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the checkpoint is unchanged")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("generate", help="generate one image to a PNG file")
+    p.add_argument("prompt")
+    p.add_argument("--package", default=None, help="model package folder (default: the bundled model)")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the package's)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--sampler", default=None, help="euler, euler_a, ddim, dpmpp_2m_karras or lcm")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("-o", "--output", default="out.png")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("info", help="print a package's manifest as a table")
+    p.add_argument("package")
+    p.set_defaults(func=_info)
+
+    for name, func, text in (("worker", _worker, "run a gRPC engine worker"), ("serve", _serve, "run the HTTP front end")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except KilnError as e:
+        log.error("%s: %s", type(e).__name__, e)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

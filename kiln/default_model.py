@@ -1,0 +1,32 @@
+"""Where the bundled default model lives, and its package, exported on first use."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "models" / "kiln-shapes"
+BUILD = ROOT / "build"
+
+
+def default_package(target: str = "cpu") -> Path:
+    return BUILD / DEFAULT_MODEL.name / target
+
+
+def ensure_package(checkpoint: Path = DEFAULT_MODEL, target: str = "cpu", out_root: Path = BUILD) -> Path:
+    """The package for `checkpoint`, exporting it first if it is missing (needs `.[export]`)."""
+    package = out_root / checkpoint.name / target
+    if (package / "manifest.json").is_file():
+        return package
+    log.info("no package at %s yet: exporting %s (first use)", package, checkpoint)
+    try:
+        from export.package import build_package
+    except ImportError as e:
+        raise SystemExit(
+            f"the package {package} is missing and exporting it needs the export extras "
+            f"(pip install '.[export]'): {e}"
+        ) from None
+    return build_package(checkpoint, out_root, target=target)
