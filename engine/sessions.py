@@ -34,6 +34,8 @@ class RuntimeOptions:
     threads: int = 0  # 0: onnxruntime's default (one per physical core)
     optimization: str = "all"  # "basic" | "extended" | "all"
     cpu_mem_arena: bool = True
+    fixed_shapes: bool = True  # specialise a session per resolution (faster on CPU)
+    share_weights: bool = True  # False only to measure what sharing saves
 
 
 def check_provider(target: str) -> list[str]:
@@ -55,10 +57,10 @@ def check_provider(target: str) -> list[str]:
 class SharedWeights:
     """A component's initializers mapped from weights.bin once, as OrtValues any session can use."""
 
-    def __init__(self, package: Path, component: Component):
+    def __init__(self, package: Path | None, component: Component | None):
         self.values: dict[str, ort.OrtValue] = {}
         self._arrays: list[np.ndarray] = []  # keep the buffers alive as long as the sessions
-        if component.weights_file is None:
+        if component is None or component.weights_file is None:
             return
         weights = package / component.weights_file
         index_path = weights.with_name("weights.json")
@@ -77,6 +79,11 @@ class SharedWeights:
             self._arrays.append(array)
             self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
 
+    @classmethod
+    def empty(cls) -> "SharedWeights":
+        """No shared buffers: each session reads weights.bin itself (to measure what sharing saves)."""
+        return cls(None, None)
+
 
 class ComponentSessions:
     """One component: a session per fixed-shape key, created on first use, weights shared."""
@@ -89,13 +96,15 @@ class ComponentSessions:
         self.component = component
         self.providers = providers
         self.options = options
-        self.weights = SharedWeights(package, component)
+        self.weights = SharedWeights(package, component) if options.share_weights else SharedWeights.empty()
         self._sessions: dict[tuple, ort.InferenceSession] = {}
         self._lock = threading.Lock()
         self.input_names = [spec.name for spec in component.inputs]
         self.output_names = [spec.name for spec in component.outputs]
 
     def session(self, fixed_dims: dict[str, int] | None = None) -> ort.InferenceSession:
+        if not self.options.fixed_shapes:
+            fixed_dims = None
         key = tuple(sorted((fixed_dims or {}).items()))
         with self._lock:
             sess = self._sessions.get(key)
@@ -118,8 +127,9 @@ class ComponentSessions:
         so.log_severity_level = 3
         for dim, value in fixed_dims.items():
             so.add_free_dimension_override_by_name(dim, int(value))
-        for name, value in self.weights.values.items():
-            so.add_initializer(name, value)
+        if self.options.share_weights:
+            for name, value in self.weights.values.items():
+                so.add_initializer(name, value)
         log.debug("creating %s session for %s", self.name, fixed_dims or "dynamic shapes")
         try:
             return ort.InferenceSession(str(self.path), so, providers=self.providers)

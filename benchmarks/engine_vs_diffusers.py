@@ -1,0 +1,157 @@
+"""Engine vs the diffusers PyTorch pipeline: time per image and peak RSS, side by side.
+
+Each contender runs in its own process (so peak RSS is its own), the pair is repeated `--rounds`
+times in alternation (the machine is shared and noisy), and the median of each is compared.
+Engine variants show what each onnxruntime setting buys: dynamic shapes with basic graph
+optimisation (plain onnxruntime), then fixed per-resolution shapes, then all optimisations.
+
+    python -m benchmarks.engine_vs_diffusers --checkpoint build/checkpoints/sd15-random \
+        --package build/sd15-random/cpu --size 256x256 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = "a red circle on a blue background"
+
+ENGINE_VARIANTS = {
+    "engine (dynamic shapes, basic opt)": {"fixed_shapes": False, "optimization": "basic"},
+    "engine (fixed shapes, basic opt)": {"fixed_shapes": True, "optimization": "basic"},
+    "engine (fixed shapes, all opt)": {"fixed_shapes": True, "optimization": "all"},
+}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_engine(package: str, width: int, height: int, steps: int, sampler: str, images: int, threads: int, options: dict) -> dict:
+    from engine.pipeline import ImageRequest, Pipeline
+    from engine.sessions import RuntimeOptions
+
+    pipe = Pipeline(package, RuntimeOptions(threads=threads, **options))
+    req = ImageRequest(prompt=PROMPT, width=width, height=height, seed=0, steps=steps, sampler=sampler)
+    pipe.generate([req])  # warm-up: session creation and first-run allocations are excluded
+    times = []
+    for k in range(images):
+        t0 = time.perf_counter()
+        pipe.generate([ImageRequest(**{**_fields(req), "seed": k + 1})])
+        times.append(time.perf_counter() - t0)
+    return {"seconds": times, "peak_rss_mib": peak_rss_mib()}
+
+
+def run_diffusers(checkpoint: str, width: int, height: int, steps: int, sampler: str, images: int, threads: int) -> dict:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from tests.test_engine_parity import SCHEDULERS  # the same sampler mapping the parity tests use
+
+    import diffusers
+
+    torch.set_num_threads(threads or torch.get_num_threads())
+    pipe = DiffusionPipeline.from_pretrained(checkpoint)
+    cls_name, extra = SCHEDULERS[sampler]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=PROMPT, width=width, height=height, num_inference_steps=steps, output_type="np")
+    with torch.inference_mode():
+        pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+        times = []
+        for k in range(images):
+            t0 = time.perf_counter()
+            pipe(**kwargs, generator=torch.Generator().manual_seed(k + 1))
+            times.append(time.perf_counter() - t0)
+    return {"seconds": times, "peak_rss_mib": peak_rss_mib()}
+
+
+def _fields(req) -> dict:
+    import msgspec
+
+    return msgspec.structs.asdict(req)
+
+
+def _child(kind: str, args: argparse.Namespace, options: dict | None = None) -> dict:
+    """Run one contender in a fresh interpreter; it prints one JSON line."""
+    payload = json.dumps({"kind": kind, "args": vars(args), "options": options or {}})
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine_vs_diffusers", "--child", payload],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child_main(payload: str) -> None:
+    spec = json.loads(payload)
+    a = spec["args"]
+    width, height = (int(v) for v in a["size"].split("x"))
+    if spec["kind"] == "diffusers":
+        result = run_diffusers(a["checkpoint"], width, height, a["steps"], a["sampler"], a["images"], a["threads"])
+    else:
+        result = run_engine(a["package"], width, height, a["steps"], a["sampler"], a["images"], a["threads"], spec["options"])
+    print(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default="build/test-cache/checkpoints/sd1")
+    parser.add_argument("--package", default="build/test-cache/packages/sd1/cpu")
+    parser.add_argument("--label", default=None, help="name of the workload in the results")
+    parser.add_argument("--size", default="256x256")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--images", type=int, default=2, help="timed images per contender per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", action="store_true", help="also time the engine's settings one by one")
+    args = parser.parse_args(argv)
+    if args.child:
+        child_main(args.child)
+        return 0
+
+    contenders = {"diffusers (PyTorch fp32)": ("diffusers", None)}
+    variants = ENGINE_VARIANTS if args.variants else {"engine (fixed shapes, all opt)": ENGINE_VARIANTS["engine (fixed shapes, all opt)"]}
+    contenders.update({name: ("engine", opts) for name, opts in variants.items()})
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for r in range(args.rounds):
+        for name, (kind, opts) in contenders.items():
+            runs[name].append(_child(kind, args, opts))
+            print(f"round {r + 1}/{args.rounds} {name}: {statistics.median(runs[name][-1]['seconds']):.3f} s/image", flush=True)
+
+    base = statistics.median(t for run in runs["diffusers (PyTorch fp32)"] for t in run["seconds"])
+    rows = []
+    for name, rs in runs.items():
+        med = statistics.median(t for run in rs for t in run["seconds"])
+        rss = max(run["peak_rss_mib"] for run in rs)
+        rows.append({"contender": name, "median_s_per_image": med, "ratio_vs_diffusers": med / base, "peak_rss_mib": rss})
+    label = args.label or Path(args.package).parent.name
+    print(f"\n{label}: {args.size}, {args.steps} {args.sampler} steps, {args.threads} threads, "
+          f"{args.rounds} rounds x {args.images} images each (medians)")
+    print(f"{'contender':<40} {'s/image':>9} {'x diffusers':>12} {'peak RSS MiB':>13}")
+    for row in rows:
+        print(f"{row['contender']:<40} {row['median_s_per_image']:>9.3f} {row['ratio_vs_diffusers']:>12.2f} {row['peak_rss_mib']:>13.0f}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"engine_vs_diffusers_{label}_{args.size}.json"
+    out.write_text(json.dumps({
+        "workload": label, "size": args.size, "steps": args.steps, "sampler": args.sampler, "threads": args.threads,
+        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "rows": rows, "date": time.strftime("%Y-%m-%d"),
+    }, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
