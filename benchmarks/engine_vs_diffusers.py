@@ -52,17 +52,11 @@ def run_engine(package: str, width: int, height: int, steps: int, sampler: str, 
 
 def run_diffusers(checkpoint: str, width: int, height: int, steps: int, sampler: str, images: int, threads: int) -> dict:
     import torch
-    from diffusers import DiffusionPipeline
 
-    from tests.test_engine_parity import SCHEDULERS  # the same sampler mapping the parity tests use
-
-    import diffusers
+    from export.diffusers_reference import reference_pipeline
 
     torch.set_num_threads(threads or torch.get_num_threads())
-    pipe = DiffusionPipeline.from_pretrained(checkpoint)
-    cls_name, extra = SCHEDULERS[sampler]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(checkpoint, sampler)
     kwargs = dict(prompt=PROMPT, width=width, height=height, num_inference_steps=steps, output_type="np")
     with torch.inference_mode():
         pipe(**kwargs, generator=torch.Generator().manual_seed(0))

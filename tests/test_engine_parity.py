@@ -18,19 +18,10 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from engine.pipeline import ImageRequest, Pipeline, initial_noise  # noqa: E402
+from export.diffusers_reference import reference_pipeline  # noqa: E402
 
 TOLERANCE = 2  # uint8 levels
 
-SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2},
-    ),
-    "lcm": ("LCMScheduler", {}),
-}
 # Modules whose `randn_tensor` draws the per-step noise of ancestral / multistep-noise samplers.
 NOISY = {
     "euler_a": "diffusers.schedulers.scheduling_euler_ancestral_discrete",
@@ -39,12 +30,7 @@ NOISY = {
 
 
 def diffusers_image(checkpoint, sampler, req: ImageRequest, monkeypatch) -> np.ndarray:
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(str(checkpoint))
-    pipe.set_progress_bar_config(disable=True)
-    cls_name, extra = SCHEDULERS[sampler]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+    pipe = reference_pipeline(checkpoint, sampler)
     noise, rng = initial_noise(req.seed, (4, req.height // 8, req.width // 8))
     if sampler in NOISY:
         import importlib
