@@ -36,6 +36,26 @@ class RuntimeOptions:
     cpu_mem_arena: bool = True
     fixed_shapes: bool = True  # specialise a session per resolution (faster on CPU)
     share_weights: bool = True  # False only to measure what sharing saves
+    shared_arena: bool = True  # one CPU memory arena for every session of the process
+
+
+_arena_lock = threading.Lock()
+_arena_registered = False
+
+
+def _register_shared_arena() -> None:
+    """Register one process-wide CPU arena that sessions opt into with `use_env_allocators`.
+
+    Each session's own arena keeps the peak activations of its resolution for good, so five sizes
+    held five peaks; a shared arena holds only the largest.
+    """
+    global _arena_registered
+    with _arena_lock:
+        if _arena_registered:
+            return
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _arena_registered = True
 
 
 def check_provider(target: str) -> list[str]:
@@ -124,6 +144,9 @@ class ComponentSessions:
             so.intra_op_num_threads = self.options.threads
         so.inter_op_num_threads = 1
         so.enable_cpu_mem_arena = self.options.cpu_mem_arena
+        if self.options.shared_arena and self.options.cpu_mem_arena and self.providers[0] == "CPUExecutionProvider":
+            _register_shared_arena()
+            so.add_session_config_entry("session.use_env_allocators", "1")
         so.log_severity_level = 3
         for dim, value in fixed_dims.items():
             so.add_free_dimension_override_by_name(dim, int(value))
