@@ -43,3 +43,19 @@ class QueueFullError(KilnError):
 
 class WorkerUnavailableError(KilnError):
     """No worker can take the request now (draining, not ready, or down)."""
+
+
+class ModelNotFoundError(InvalidRequestError):
+    """No loaded package has the requested model name (param "model")."""
+
+
+class DeadlineExceededError(KilnError, TimeoutError):
+    """The request's deadline passed before its images were made; the work was dropped."""
+
+
+class RequestCancelledError(KilnError):
+    """The request was cancelled before it finished."""
+
+
+class EngineError(KilnError):
+    """The engine failed while running a model (an onnxruntime error, say); see the message."""

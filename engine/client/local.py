@@ -1,0 +1,161 @@
+"""LocalWorkers: start `kiln worker` processes on this machine (one per device) and stop them.
+
+    with LocalWorkers(["build/kiln-shapes/cpu"], count=2) as workers:
+        pool = WorkerPool(workers.addresses)
+
+Each worker listens on a free loopback port it picks itself (`--listen 127.0.0.1:0`) and writes
+its address to a ready file once loaded and warmed up, so there is no race for ports. On Linux a
+worker gets SIGTERM if the process that started it dies, so none is left orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from engine.errors import WorkerUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+class LocalWorkers:
+    def __init__(
+        self,
+        packages: Sequence[str | Path],
+        count: int = 1,
+        *,
+        host: str = "127.0.0.1",
+        ports: Sequence[int] | None = None,  # default: each picks a free port
+        max_batch: int = 8,
+        max_queue: int = 64,
+        warmup_sizes: Sequence[str] = (),  # "WxH"; default: each package's default size
+        batching: bool = True,
+        threads: int = 0,
+        devices: Sequence[str] | None = None,  # CUDA_VISIBLE_DEVICES of worker i = devices[i]
+        drain_timeout: float = 30.0,
+        extra_args: Sequence[str] = (),
+        log_dir: str | Path | None = None,  # default: workers log to this process's stderr
+    ):
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}")
+        if ports is not None and len(ports) != count:
+            raise ValueError(f"{len(ports)} ports given for {count} workers")
+        if devices is not None and len(devices) != count:
+            raise ValueError(f"{len(devices)} devices given for {count} workers")
+        self.packages = [Path(p) for p in packages]
+        self.count = count
+        self.host = host
+        self.ports = list(ports) if ports is not None else [0] * count
+        self.options = [
+            "--max-batch", str(max_batch),
+            "--max-queue", str(max_queue),
+            "--threads", str(threads),
+            "--drain-timeout", str(drain_timeout),
+        ]  # fmt: skip
+        if warmup_sizes:
+            self.options += ["--warmup-size", ",".join(warmup_sizes)]
+        if not batching:
+            self.options.append("--no-batching")
+        self.options += list(extra_args)
+        self.devices = list(devices) if devices is not None else None
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.processes: list[subprocess.Popen] = []
+        self.addresses: list[str] = []
+        self._tmp: str | None = None
+
+    def command(self, index: int, ready_file: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "kiln.cli", "worker"]
+        for package in self.packages:
+            cmd += ["--package", str(package)]
+        return cmd + ["--listen", f"{self.host}:{self.ports[index]}", "--ready-file", str(ready_file), *self.options]
+
+    def start(self, timeout: float = 300.0) -> list[str]:
+        """Start the workers and wait until every one is ready; their addresses, in order."""
+        self._tmp = tempfile.mkdtemp(prefix="kiln-workers-")
+        ready_files = [Path(self._tmp) / f"worker-{i}.ready" for i in range(self.count)]
+        for i, ready in enumerate(ready_files):
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            if self.devices is not None:
+                env["CUDA_VISIBLE_DEVICES"] = self.devices[i]
+            out = None
+            if self.log_dir:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                out = open(self.log_dir / f"worker-{i}.log", "ab")
+            self.processes.append(
+                subprocess.Popen(
+                    self.command(i, ready),
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT if out else None,
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                )
+            )
+            if out:
+                out.close()
+        end = time.monotonic() + timeout
+        addresses: list[str | None] = [None] * self.count
+        while None in addresses:
+            for i, (proc, ready) in enumerate(zip(self.processes, ready_files)):
+                if addresses[i] is None and ready.is_file():
+                    addresses[i] = ready.read_text().strip()
+                elif addresses[i] is None and proc.poll() is not None:
+                    self.stop()
+                    where = f"; see {self.log_dir / f'worker-{i}.log'}" if self.log_dir else ""
+                    raise WorkerUnavailableError(f"worker {i} exited with status {proc.returncode} before it was ready{where}")
+            if time.monotonic() > end:
+                self.stop()
+                raise WorkerUnavailableError(f"the workers were not ready within {timeout:g} s")
+            time.sleep(0.05)
+        self.addresses = [a for a in addresses if a]
+        log.info("%d local worker(s) ready: %s", self.count, ", ".join(self.addresses))
+        return self.addresses
+
+    async def astart(self, timeout: float = 300.0) -> list[str]:
+        return await asyncio.to_thread(self.start, timeout)
+
+    def stop(self, timeout: float = 30.0) -> list[int | None]:
+        """SIGTERM every worker (they drain), SIGKILL any still running after `timeout`; exit codes."""
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + timeout
+        codes: list[int | None] = []
+        for proc in self.processes:
+            try:
+                codes.append(proc.wait(max(0.0, end - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                log.warning("worker pid %d did not stop within %g s: killing it", proc.pid, timeout)
+                proc.kill()
+                codes.append(proc.wait())
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+        return codes
+
+    async def astop(self, timeout: float = 30.0) -> list[int | None]:
+        return await asyncio.to_thread(self.stop, timeout)
+
+    def __enter__(self) -> LocalWorkers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,317 @@
+"""WorkerPool: the front end's asyncio client for a set of engine workers (grpc.aio).
+
+    pool = WorkerPool(["127.0.0.1:50051", "10.0.0.7:50051"])
+    result = await pool.generate(GenerationParams(model="kiln-shapes", prompt="...", width=256,
+                                                  height=256, seed=1), timeout=60)
+
+Routing: each request goes to the worker, among those up, with the least outstanding work (the
+sum over its requests in flight from this pool of n x steps x pixels / 512^2), ties broken
+round-robin.
+
+Failures: a worker that cannot be reached, dies mid-request (connection reset, UNAVAILABLE) or
+is draining is marked down and the request is retried once on another worker; generation is
+deterministic given the seed, so the caller gets the same images. A down worker is probed
+(ServerReady) every `probe_interval` seconds and taken back once ready. A full queue
+(RESOURCE_EXHAUSTED) moves the request to the next worker; QueueFullError only when every
+worker up is full. Every other failure raises the engine.errors type the worker raised (see
+engine.worker.status): InvalidRequestError(param=...), ModelNotFoundError, QueueFullError,
+WorkerUnavailableError, DeadlineExceededError (a TimeoutError), NonFiniteOutputError, EngineError.
+
+Cancellation: if the task awaiting `generate` is cancelled (the HTTP client went away), the gRPC
+call is cancelled and the worker drops the request's samples at its next step boundary.
+
+Imports neither onnxruntime nor torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import uuid
+from typing import Sequence
+
+import grpc
+import msgspec
+
+from engine.client.types import GenerationParams, GenerationResult, ModelInfo, ProgressCallback
+from engine.errors import DeadlineExceededError, QueueFullError, WorkerUnavailableError
+from engine.worker import inference_pb2 as pb
+from engine.worker import inference_pb2_grpc as pb_grpc
+from engine.worker import wire
+from engine.worker.status import from_status
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 256 * 2**20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    # Notice a worker whose host vanished (no connection reset) within ~15 s.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Reconnect quickly once a restarted worker listens again (gRPC's default backoff reaches 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+REFERENCE_PIXELS = 512 * 512
+FALLBACK_STEPS = 30
+
+
+class WorkerStatus(msgspec.Struct, frozen=True):
+    address: str
+    up: bool
+    outstanding: float  # work in flight from this pool (n x steps x pixels / 512^2)
+    in_flight: int  # requests in flight from this pool
+    failures: int  # times it was marked down
+
+
+class _WorkerGone(Exception):
+    """The worker could not be reached, died or is draining: try another one."""
+
+
+class _Worker:
+    def __init__(self, address: str):
+        self.address = address
+        self.up = True  # optimistic until a call or a probe says otherwise
+        self.outstanding = 0.0
+        self.in_flight = 0
+        self.failures = 0
+        self.probe: asyncio.Task | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.GRPCInferenceServiceStub | None = None
+
+    @property
+    def stub(self) -> pb_grpc.GRPCInferenceServiceStub:
+        if self._stub is None:  # created inside the running event loop
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
+
+    async def close(self) -> None:
+        if self.probe:
+            self.probe.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        *,
+        retries: int = 1,
+        probe_interval: float = 1.0,
+        probe_timeout: float = 2.0,
+    ):
+        if not addresses:
+            raise ValueError("WorkerPool needs at least one worker address (host:port)")
+        self._workers = [_Worker(a) for a in dict.fromkeys(addresses)]
+        self.retries = retries
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self._turn = 0
+        self._default_steps: dict[str, int] = {}
+        self._closed = False
+
+    async def __aenter__(self) -> WorkerPool:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ---- generation ----------------------------------------------------------------------
+
+    async def generate(
+        self,
+        params: GenerationParams,
+        *,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> GenerationResult:
+        """Make `params.n` images on one worker; see the module docstring for routing and errors.
+
+        `on_progress` (a function or coroutine function) gets each Progress; a request retried on
+        another worker reports its steps again from the start.
+        """
+        if self._closed:
+            raise WorkerUnavailableError("the worker pool is closed")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout is not None else None
+        cost = self._cost(params)
+        tried: set[_Worker] = set()
+        failovers = 0
+        full: QueueFullError | None = None
+        while True:
+            worker = await self._pick(tried)
+            if worker is None:
+                if full is not None:
+                    raise full
+                raise WorkerUnavailableError(
+                    f"no worker can take the request: {', '.join(self._describe())}"
+                )
+            tried.add(worker)
+            remaining = None
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise DeadlineExceededError(f"the request's {timeout:g} s timeout passed before a worker answered")
+            worker.outstanding += cost
+            worker.in_flight += 1
+            try:
+                return await self._call(worker, params, remaining, on_progress)
+            except _WorkerGone as gone:
+                self._mark_down(worker, str(gone))
+                if failovers >= self.retries:
+                    raise WorkerUnavailableError(
+                        f"worker {worker.address} failed ({gone}) and the request was already retried {failovers} time(s)"
+                    ) from None
+                failovers += 1
+                log.warning("worker %s failed mid-request (%s): retrying on another worker", worker.address, gone)
+            except QueueFullError as e:
+                full = e
+            finally:
+                worker.outstanding -= cost
+                worker.in_flight -= 1
+
+    async def _call(
+        self,
+        worker: _Worker,
+        params: GenerationParams,
+        timeout: float | None,
+        on_progress: ProgressCallback | None,
+    ) -> GenerationResult:
+        request = wire.encode_request(params, request_id=uuid.uuid4().hex)
+        try:
+            if on_progress is None:
+                call = worker.stub.ModelInfer(request, timeout=timeout)
+                try:
+                    return wire.decode_result(await call, worker.address)
+                except BaseException:
+                    call.cancel()  # a cancelled caller cancels the RPC: the worker frees the samples
+                    raise
+            stream = worker.stub.ModelInferStream(request, timeout=timeout)
+            try:
+                async for message in stream:
+                    response = message.infer_response
+                    if wire.event_of(response) != "progress":
+                        return wire.decode_result(response, worker.address)
+                    outcome = on_progress(wire.decode_progress(response))
+                    if inspect.isawaitable(outcome):
+                        await outcome
+            except BaseException:
+                stream.cancel()
+                raise
+            raise _WorkerGone("the progress stream ended without a result")
+        except grpc.aio.AioRpcError as e:
+            error = from_status(e.code(), e.details() or "", dict(e.trailing_metadata() or ()))
+            if error is None or isinstance(error, WorkerUnavailableError):
+                raise _WorkerGone(f"{e.code().name}: {e.details()}") from None
+            raise error from None
+
+    def _cost(self, params: GenerationParams) -> float:
+        steps = params.steps or self._default_steps.get(params.model, FALLBACK_STEPS)
+        return params.n * steps * params.width * params.height / REFERENCE_PIXELS
+
+    async def _pick(self, tried: set[_Worker]) -> _Worker | None:
+        candidates = [w for w in self._workers if w.up and w not in tried]
+        if not candidates:
+            # Before giving up, ask the down workers once: one may have come back since the last probe.
+            down = [w for w in self._workers if not w.up and w not in tried]
+            if down:
+                await asyncio.gather(*(self._probe(w) for w in down))
+                candidates = [w for w in down if w.up]
+        if not candidates:
+            return None
+        self._turn += 1
+        n = len(self._workers)
+        order = {w: i for i, w in enumerate(self._workers)}
+        return min(candidates, key=lambda w: (w.outstanding, w.in_flight, (order[w] - self._turn) % n))
+
+    # ---- health --------------------------------------------------------------------------
+
+    def _mark_down(self, worker: _Worker, reason: str) -> None:
+        if worker.up:
+            log.warning("worker %s marked down: %s", worker.address, reason)
+            worker.up = False
+            worker.failures += 1
+        if (worker.probe is None or worker.probe.done()) and not self._closed:
+            worker.probe = asyncio.get_running_loop().create_task(self._probe_until_up(worker))
+
+    async def _probe(self, worker: _Worker) -> bool:
+        try:
+            reply = await worker.stub.ServerReady(pb.ServerReadyRequest(), timeout=self.probe_timeout)
+            ready = reply.ready
+        except grpc.aio.AioRpcError:
+            ready = False
+        if ready and not worker.up:
+            log.info("worker %s is ready again", worker.address)
+            worker.up = True
+        return ready
+
+    async def _probe_until_up(self, worker: _Worker) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.probe_interval)
+            if await self._probe(worker):
+                return
+
+    async def ready(self) -> bool:
+        """Probe every worker now; True when at least one is ready."""
+        results = await asyncio.gather(*(self._probe(w) for w in self._workers))
+        for worker, ok in zip(self._workers, results):
+            if not ok:
+                self._mark_down(worker, "not ready")
+        return any(results)
+
+    def status(self) -> list[WorkerStatus]:
+        return [WorkerStatus(w.address, w.up, w.outstanding, w.in_flight, w.failures) for w in self._workers]
+
+    def _describe(self) -> list[str]:
+        return [f"{w.address} {'up' if w.up else 'down'}" for w in self._workers]
+
+    # ---- models and metrics --------------------------------------------------------------
+
+    async def models(self) -> list[ModelInfo]:
+        """The models the workers serve (each once, as its first answering worker describes it)."""
+        found: dict[str, ModelInfo] = {}
+        answered = False
+        for worker in [w for w in self._workers if w.up]:
+            try:
+                index = await worker.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=self.probe_timeout)
+                for entry in index.models:
+                    if entry.name in found:
+                        continue
+                    meta = await worker.stub.ModelMetadata(
+                        pb.ModelMetadataRequest(name=entry.name), timeout=self.probe_timeout
+                    )
+                    found[entry.name] = wire.decode_model_metadata(meta)
+                answered = True
+            except grpc.aio.AioRpcError as e:
+                log.info("worker %s did not list its models: %s", worker.address, e.code().name)
+        if not answered:
+            raise WorkerUnavailableError(f"no worker answered: {', '.join(self._describe())}")
+        for info in found.values():
+            self._default_steps[info.name] = info.default_steps
+        return sorted(found.values(), key=lambda m: m.name)
+
+    async def metrics(self) -> dict[str, dict[str, float]]:
+        """Each reachable worker's counters and gauges (WorkerMetrics), by address."""
+        out: dict[str, dict[str, float]] = {}
+        for worker in self._workers:
+            try:
+                reply = await worker.stub.WorkerMetrics(pb.WorkerMetricsRequest(), timeout=self.probe_timeout)
+            except grpc.aio.AioRpcError:
+                continue
+            out[worker.address] = {**{k: float(v) for k, v in reply.counters.items()}, **dict(reply.gauges)}
+        return out
+
+    async def close(self) -> None:
+        self._closed = True
+        await asyncio.gather(*(w.close() for w in self._workers))
+
+
+__all__ = ["WorkerPool", "WorkerStatus"]

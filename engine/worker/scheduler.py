@@ -1,0 +1,503 @@
+"""Step-level continuous batching: one thread runs every UNet call of the worker.
+
+A request (a `Job`, n images) waits in a bounded admission queue, joins the running set at the next
+step boundary and leaves it as soon as its own last step is done, so a short request never waits
+behind a long one and the UNet never idles while work is queued.
+
+Each iteration of the loop:
+  1. drops the samples of cancelled, expired or failed requests (the steps they would still have
+     taken are counted in `freed_steps`);
+  2. admits waiting requests, oldest first, into their group (model, latent shape) while the group
+     holds fewer than `max_batch` samples; a request whose group is full waits, and so does every
+     later request of that group (first come, first served within a group), but requests of other
+     groups are not held up behind it. All prompts admitted at one boundary are text-encoded in
+     one `Pipeline.prepare` call per model;
+  3. picks one group round-robin: every group with running samples gets one UNet call per round,
+     and a group that becomes busy joins the round at the back. A group therefore waits at most
+     (number of other groups) calls between two of its steps: no size starves, whatever the mix;
+  4. advances up to `max_batch` of that group's samples, oldest first, by one step with one UNet
+     call (each sample at its own step, sampler and guidance: `Pipeline.denoise_step`);
+  5. decodes the samples that just finished, in one VAE call, and hands their pixels to a thread
+     pool that encodes the PNGs, so encoding never holds up the next step.
+
+With `batching=False` the loop admits one request at a time and admits the next only when it has
+finished: the baseline the benchmark compares against.
+
+Backpressure: `submit` refuses at once with QueueFullError when the waiting requests already hold
+`max_queue` images; nothing of a refused request is computed, not even its text encoding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import numpy as np
+
+from engine.client.types import Progress
+from engine.errors import (
+    DeadlineExceededError,
+    EngineError,
+    InvalidRequestError,
+    KilnError,
+    QueueFullError,
+    RequestCancelledError,
+    WorkerUnavailableError,
+)
+from engine.pipeline import Pipeline, Sample
+from engine.request import ImageRequest
+from engine.shapes import latent_shape
+from engine.worker.images import encode_png, latent_preview_jpeg
+
+log = logging.getLogger(__name__)
+
+GroupKey = tuple[str, tuple[int, ...]]  # (model name, latent shape (C, h, w))
+
+
+@dataclass(frozen=True)
+class JobResult:
+    images_png: list[bytes]  # n PNG files, in seed order
+    seeds: list[int]
+    prompt_tokens: int
+    engine_seconds: float
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    error: BaseException
+
+
+Event = Union[Progress, JobResult, JobFailed]
+
+_ids = itertools.count(1)
+
+COUNTERS = (
+    "requests_received",  # accepted into the queue
+    "requests_rejected",  # refused: queue full
+    "requests_admitted",  # moved from the queue into the running set
+    "requests_completed",
+    "requests_failed",  # any failure, cancellations and deadlines included
+    "requests_cancelled",
+    "requests_expired",  # deadline passed
+    "images_completed",
+    "text_encoder_calls",  # one per admission boundary and model
+    "unet_calls",
+    "sample_steps",  # samples advanced by one step; sample_steps / unet_calls = mean batch
+    "vae_calls",
+    "freed_steps",  # sample-steps not run because their request was cancelled, expired or failed
+)
+
+
+class Job:
+    """One request of n images. `sink` receives its events from the scheduler's threads: Progress
+    (only if `progress`), then exactly one JobResult or JobFailed."""
+
+    def __init__(
+        self,
+        model: str,
+        requests: list[ImageRequest],  # resolved (defaults filled), image k with seed + k
+        key: GroupKey,
+        prompt_tokens: int,
+        sink: Callable[[Event], None],
+        deadline: float | None = None,  # time.monotonic() value
+        progress: bool = False,
+        preview_every: int = 0,
+    ):
+        self.id = next(_ids)
+        self.model = model
+        self.requests = requests
+        self.key = key
+        self.n = len(requests)
+        self.total_steps = sum(r.steps or 0 for r in requests)
+        self.prompt_tokens = prompt_tokens
+        self.sink = sink
+        self.deadline = deadline
+        self.progress = progress
+        self.preview_every = preview_every
+        self.submitted = time.perf_counter()
+        self.cancel_reason: str | None = None  # "cancelled" | "expired", set from any thread
+        self.finished = False
+        self.on_finish: Callable[[Job, BaseException | None], None] | None = None
+        self._pngs: list[bytes | None] = [None] * self.n
+        self._left = self.n
+        self._lock = threading.Lock()
+        self.samples_left = 0  # loop thread only: samples admitted and not yet decoded or dropped
+
+    def stop_reason(self, now: float) -> str | None:
+        if self.finished:
+            return "failed"
+        if self.cancel_reason:
+            return self.cancel_reason
+        if self.deadline is not None and now >= self.deadline:
+            return "expired"
+        return None
+
+    def fail(self, error: BaseException) -> bool:
+        with self._lock:
+            if self.finished:
+                return False
+            self.finished = True
+        self._emit(JobFailed(error))
+        if self.on_finish:
+            self.on_finish(self, error)
+        return True
+
+    def add_image(self, index: int, png: bytes) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self._pngs[index] = png
+            self._left -= 1
+            if self._left:
+                return
+            self.finished = True
+        self._emit(
+            JobResult(
+                images_png=list(self._pngs),  # type: ignore[arg-type]
+                seeds=[r.seed for r in self.requests],
+                prompt_tokens=self.prompt_tokens,
+                engine_seconds=time.perf_counter() - self.submitted,
+            )
+        )
+        if self.on_finish:
+            self.on_finish(self, None)
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self.sink(event)
+        except Exception:  # a sink whose caller went away must not stop the loop
+            log.debug("job %d: event dropped", self.id, exc_info=True)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pipelines: dict[str, Pipeline],
+        max_batch: int = 8,
+        max_queue: int = 64,
+        batching: bool = True,
+        encode_threads: int = 2,
+    ):
+        self.pipelines = pipelines
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.batching = batching
+        self._cv = threading.Condition()
+        self._waiting: deque[Job] = deque()  # under _cv
+        self._waiting_images = 0  # under _cv
+        self._live: set[Job] = set()  # submitted and not finished, under _cv
+        self._accepting = True
+        self._stopping = False
+        # The running set, touched by the loop thread only.
+        self._groups: dict[GroupKey, list[Sample]] = {}
+        self._order: deque[GroupKey] = deque()
+        self._running_jobs: set[Job] = set()
+        self._running_images = 0  # written by the loop thread, read by metrics()
+        self._counts: Counter[str] = Counter({name: 0 for name in COUNTERS})
+        self._count_lock = threading.Lock()
+        self._encoder = ThreadPoolExecutor(encode_threads, thread_name_prefix="kiln-png")
+        self._thread: threading.Thread | None = None
+
+    # ---- called from other threads ------------------------------------------------------
+
+    def key_for(self, model: str, width: int, height: int) -> GroupKey:
+        m = self.pipelines[model].manifest
+        return model, latent_shape(width, height, m.latent_channels, m.vae_scale_factor)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or refuse it at once (QueueFullError, WorkerUnavailableError)."""
+        with self._cv:
+            if not self._accepting:
+                raise WorkerUnavailableError("the worker is draining and takes no new requests; use another worker")
+            if job.n > self.max_queue:
+                raise InvalidRequestError(f"n={job.n} is more than this worker's queue holds ({self.max_queue})", param="n")
+            if self._waiting_images + job.n > self.max_queue:
+                self._count("requests_rejected")
+                raise QueueFullError(
+                    f"the worker's queue is full ({self._waiting_images} images waiting, limit {self.max_queue}); "
+                    f"retry later"
+                )
+            job.on_finish = self._finished
+            self._waiting.append(job)
+            self._waiting_images += job.n
+            self._live.add(job)
+            self._count("requests_received")
+            self._cv.notify_all()
+
+    def cancel(self, job: Job, expired: bool = False) -> None:
+        """Drop a job's work at the next step boundary (the caller went away or its deadline passed)."""
+        if job.cancel_reason is None and not job.finished:
+            job.cancel_reason = "expired" if expired else "cancelled"
+        with self._cv:
+            self._cv.notify_all()
+
+    def stop_accepting(self) -> None:
+        with self._cv:
+            self._accepting = False
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every accepted job has finished; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._live, timeout)
+
+    def fail_all(self, error: KilnError) -> None:
+        """Fail every job not finished yet (shutdown after the drain timeout)."""
+        with self._cv:
+            jobs = list(self._live)
+        for job in jobs:
+            job.fail(error)
+        with self._cv:
+            self._cv.notify_all()
+
+    def metrics(self) -> tuple[dict[str, int], dict[str, float]]:
+        with self._count_lock:
+            counters = dict(self._counts)
+        with self._cv:
+            gauges = {
+                "queue_images": float(self._waiting_images),
+                "live_requests": float(len(self._live)),
+                "running_images": float(self._running_images),
+                "max_batch": float(self.max_batch),
+                "max_queue": float(self.max_queue),
+                "batching": float(self.batching),
+            }
+        calls = counters.get("unet_calls", 0)
+        gauges["mean_batch"] = counters.get("sample_steps", 0) / calls if calls else 0.0
+        return counters, gauges
+
+    # ---- life cycle ----------------------------------------------------------------------
+
+    def warm_up(self, model: str, width: int, height: int, batch: int) -> None:
+        """One guided step and one decode at `batch` x `width`x`height`: creates the sessions and
+        sizes the memory arenas before the worker says it is ready. Raises what the engine raised."""
+        pipe = self.pipelines[model]
+        reqs = [
+            ImageRequest(prompt="warm-up", width=width, height=height, seed=k, steps=2, guidance_scale=7.5)
+            for k in range(batch)
+        ]
+        samples = pipe.prepare(reqs)
+        pipe.denoise_step(samples)
+        pipe.decode(samples)
+        encode_png(np.zeros((height, width, 3), dtype=np.uint8))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="kiln-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._accepting = False
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread:
+            self._thread.join(timeout)
+        self.fail_all(WorkerUnavailableError("the worker shut down before the request finished; retry"))
+        self._encoder.shutdown(wait=True, cancel_futures=True)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def _count(self, name: str, k: int = 1) -> None:
+        with self._count_lock:
+            self._counts[name] += k
+
+    def _finished(self, job: Job, error: BaseException | None) -> None:
+        self._count("requests_failed" if error else "requests_completed")
+        if error is None:
+            self._count("images_completed", job.n)
+        with self._cv:
+            self._live.discard(job)
+            self._cv.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self._groups:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                dropped = self._drop_waiting()
+                admitted = self._take_admissible()
+            self._end(dropped)
+            self._end(self._drop_running())
+            if admitted:
+                self._admit(admitted)
+            key = self._next_group()
+            if key is not None:
+                self._step(key)
+            self._running_images = sum(len(samples) for samples in self._groups.values())
+
+    def _end(self, stopped: list[tuple[Job, str]]) -> None:
+        """Tell the callers of dropped jobs why (outside the lock: sinks may take their own)."""
+        for job, reason in stopped:
+            if reason == "expired":
+                job.fail(DeadlineExceededError("the request's deadline passed before its images were made"))
+            elif reason == "cancelled":
+                job.fail(RequestCancelledError("the request was cancelled"))
+
+    def _dropped(self, job: Job, reason: str, freed: int) -> None:
+        self._count("freed_steps", freed)
+        if reason in ("cancelled", "expired"):
+            self._count(f"requests_{reason}")
+        log.info("request %d %s: %d steps freed", job.id, reason, freed)
+
+    def _drop_waiting(self) -> list[tuple[Job, str]]:
+        now = time.monotonic()
+        stopped = [(job, job.stop_reason(now)) for job in self._waiting]
+        stopped = [(job, reason) for job, reason in stopped if reason]
+        for job, reason in stopped:
+            self._waiting.remove(job)
+            self._waiting_images -= job.n
+            self._dropped(job, reason, job.total_steps)
+        return stopped
+
+    def _drop_running(self) -> list[tuple[Job, str]]:
+        now = time.monotonic()
+        reasons = {job: job.stop_reason(now) for job in self._running_jobs}
+        stopped = {job: reason for job, reason in reasons.items() if reason}
+        if not stopped:
+            return []
+        freed: Counter[Job] = Counter()
+        for key in list(self._groups):
+            kept = []
+            for s in self._groups[key]:
+                job = s.tag[0]
+                if job in stopped:
+                    freed[job] += s.plan.num_steps - s.step
+                else:
+                    kept.append(s)
+            self._set_group(key, kept)
+        for job, reason in stopped.items():
+            self._running_jobs.discard(job)
+            self._dropped(job, reason, freed[job])
+        return list(stopped.items())
+
+    def _take_admissible(self) -> list[Job]:
+        if not self._waiting:
+            return []
+        if not self.batching:
+            if self._running_jobs:
+                return []
+            taken = [self._waiting.popleft()]
+        else:
+            counts = {key: len(samples) for key, samples in self._groups.items()}
+            blocked: set[GroupKey] = set()
+            taken = []
+            for job in self._waiting:
+                if job.key in blocked:
+                    continue
+                held = counts.get(job.key, 0)
+                if held == 0 or held + job.n <= self.max_batch:
+                    taken.append(job)
+                    counts[job.key] = held + job.n
+                else:
+                    blocked.add(job.key)
+            for job in taken:
+                self._waiting.remove(job)
+        self._waiting_images -= sum(job.n for job in taken)
+        return taken
+
+    def _admit(self, jobs: list[Job]) -> None:
+        by_model: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_model.setdefault(job.model, []).append(job)
+        for model, group in by_model.items():
+            requests = [r for job in group for r in job.requests]
+            tags = [(job, k) for job in group for k in range(job.n)]
+            try:
+                samples = self.pipelines[model].prepare(requests, tags)
+            except Exception as e:  # validated at submit, so this is the engine failing
+                log.exception("text encoding failed for %d requests", len(group))
+                for job in group:
+                    job.fail(e if isinstance(e, KilnError) else EngineError(f"text encoding failed: {e}"))
+                continue
+            self._count("text_encoder_calls")
+            self._count("requests_admitted", len(group))
+            for job in group:
+                job.samples_left = job.n
+                self._running_jobs.add(job)
+            for s in samples:
+                key = (model, s.shape)
+                if key not in self._groups:
+                    self._groups[key] = []
+                    self._order.append(key)
+                self._groups[key].append(s)
+
+    def _set_group(self, key: GroupKey, samples: list[Sample]) -> None:
+        if samples:
+            self._groups[key] = samples
+        else:
+            self._groups.pop(key, None)
+            if key in self._order:
+                self._order.remove(key)
+
+    def _next_group(self) -> GroupKey | None:
+        if not self._order:
+            return None
+        key = self._order.popleft()
+        self._order.append(key)
+        return key
+
+    def _step(self, key: GroupKey) -> None:
+        model = key[0]
+        pipe = self.pipelines[model]
+        samples = self._groups[key]
+        batch = samples[: self.max_batch]  # oldest first
+        try:
+            pipe.denoise_step(batch)
+        except Exception as e:
+            log.exception("denoising step failed for %d samples of %s", len(batch), key)
+            self._fail_samples(key, batch, EngineError(f"a denoising step failed: {e}"))
+            return
+        self._count("unet_calls")
+        self._count("sample_steps", len(batch))
+        for s in batch:
+            job, index = s.tag
+            if job.progress and not job.finished:
+                job._emit(Progress(image_index=index, step=s.step, total_steps=s.plan.num_steps, preview_jpeg=self._preview(job, s)))
+        done = [s for s in batch if s.done]
+        if not done:
+            return
+        self._set_group(key, [s for s in samples if not s.done])
+        try:
+            results = pipe.decode(done)
+        except Exception as e:
+            log.exception("VAE decode failed for %d samples of %s", len(done), key)
+            results = [EngineError(f"decoding the image failed: {e}")] * len(done)
+        self._count("vae_calls")
+        for s, result in zip(done, results):
+            job, index = s.tag
+            job.samples_left -= 1
+            if job.samples_left == 0:
+                self._running_jobs.discard(job)
+            if isinstance(result, BaseException):
+                job.fail(result)  # its other samples are dropped (and counted) at the next boundary
+            else:
+                self._encoder.submit(self._encode, job, index, result)
+
+    def _fail_samples(self, key: GroupKey, batch: list[Sample], error: KilnError) -> None:
+        jobs = {s.tag[0] for s in batch}
+        for job in jobs:
+            job.fail(error)  # its other samples are dropped at the next boundary
+
+    @staticmethod
+    def _preview(job: Job, s: Sample) -> bytes | None:
+        if not job.preview_every or s.done or s.step % job.preview_every:
+            return None
+        return latent_preview_jpeg(s.sampler.scale_model_input(s.x, s.plan, s.step))
+
+    @staticmethod
+    def _encode(job: Job, index: int, pixels: np.ndarray) -> None:
+        if job.finished:
+            return
+        try:
+            png = encode_png(pixels)  # (H, W, 3) uint8 -> PNG
+        except Exception as e:
+            job.fail(EngineError(f"PNG encoding failed: {e}"))
+            return
+        job.add_image(index, png)

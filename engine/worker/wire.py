@@ -1,0 +1,410 @@
+"""What a Kiln model's v2 inference request and response carry: the wire format, both directions.
+
+The worker decodes requests and encodes responses with this module, the client (engine.client)
+does the reverse; neither side spells a tensor name anywhere else. Pure protobuf: no numpy, no
+onnxruntime.
+
+Inputs of `ModelInfer` / `ModelInferStream` (model_name = the package's name). Every input is
+one element (shape [1]). Each may instead be sent as a request parameter of the same name
+(`ModelInferRequest.parameters`), which is handier for generic clients; giving both is an error.
+
+| name             | datatype            | default                    | meaning                                |
+|------------------|---------------------|----------------------------|----------------------------------------|
+| prompt           | BYTES (UTF-8)       | required                   | what to draw                           |
+| negative_prompt  | BYTES (UTF-8)       | ""                         | what to steer away from                |
+| width, height    | INT64 (any INT/UINT)| the package's default size | pixels, within the package's limits    |
+| seed             | INT64               | random (returned in seeds) | image k uses seed + k                  |
+| n                | INT64               | 1                          | images, 1..10                          |
+| steps            | INT64               | the package's default      | denoising steps                        |
+| guidance_scale   | FP32 (FP64, INT)    | the package's default      | classifier-free guidance; <= 1: none   |
+| guidance_rescale | FP32 (FP64, INT)    | the package's default      | 0..1                                   |
+| sampler          | BYTES               | the package's default      | euler, euler_a, ddim, dpmpp_2m_karras, lcm |
+| preview_every    | INT64               | 0                          | stream only: a JPEG preview every k steps |
+
+Tensor data may be in `contents` (typed fields) or in `raw_input_contents` (little-endian; BYTES
+elements 4-byte length-prefixed), as the specification allows.
+
+Outputs (in `contents`; request a subset with `outputs`, by default all):
+
+| name          | datatype | shape | meaning                                             |
+|---------------|----------|-------|-----------------------------------------------------|
+| images        | BYTES    | [n]   | PNG files, in seed order                            |
+| seeds         | INT64    | [n]   | the seed of each image                              |
+| prompt_tokens | INT64    | [1]   | the prompt's tokens by the model's own tokenizer    |
+
+Response parameters: `engine_seconds` (double: time in the worker, queueing included).
+
+`ModelInferStream` (Kiln's extension) sends `ModelStreamInferResponse`s whose `infer_response`
+has parameter `kiln_event`: "progress" messages carry `image_index`, `step`, `total_steps` (int64)
+and, every `preview_every` steps, an output `preview` (BYTES [1], a small JPEG); the last message is
+"result", the ModelInfer response.
+
+`ModelMetadataResponse.parameters` (Kiln's extension): family, default_size ("WxH"), min_side,
+max_side, multiple_of, default_steps, default_sampler, default_guidance_scale, max_batch, max_n.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+from engine.client.types import GenerationParams, GenerationResult, ModelInfo, Progress
+from engine.errors import InvalidRequestError
+from engine.worker import inference_pb2 as pb
+
+MAX_N = 10
+EVENT = "kiln_event"
+
+
+class InputSpec(msgspec.Struct, frozen=True):
+    name: str
+    datatype: str  # what Kiln sends and ModelMetadata lists
+    kind: type  # str | int | float: what the worker accepts it as
+
+
+INPUTS: tuple[InputSpec, ...] = (
+    InputSpec("prompt", "BYTES", str),
+    InputSpec("negative_prompt", "BYTES", str),
+    InputSpec("width", "INT64", int),
+    InputSpec("height", "INT64", int),
+    InputSpec("seed", "INT64", int),
+    InputSpec("n", "INT64", int),
+    InputSpec("steps", "INT64", int),
+    InputSpec("guidance_scale", "FP32", float),
+    InputSpec("guidance_rescale", "FP32", float),
+    InputSpec("sampler", "BYTES", str),
+    InputSpec("preview_every", "INT64", int),
+)
+BY_NAME = {spec.name: spec for spec in INPUTS}
+OUTPUTS: tuple[tuple[str, str, int], ...] = (("images", "BYTES", -1), ("seeds", "INT64", -1), ("prompt_tokens", "INT64", 1))
+
+INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+FLOAT_TYPES = {"FP16", "FP32", "FP64"}
+RAW_FORMATS = {
+    "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q",
+    "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q",
+    "FP16": "e", "FP32": "f", "FP64": "d", "BOOL": "?",
+}  # fmt: skip
+
+
+class WireParams(msgspec.Struct, frozen=True):
+    """A decoded generation request; None = the package's default (seed: a random one)."""
+
+    model: str
+    id: str = ""
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    n: int = 1
+    steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float | None = None
+    sampler: str | None = None
+    preview_every: int = 0
+    outputs: tuple[str, ...] = ()  # empty: all
+
+
+# ---- request: client side ----------------------------------------------------------------
+
+
+def _tensor(name: str, value: Any) -> pb.ModelInferRequest.InferInputTensor:
+    spec = BY_NAME[name]
+    t = pb.ModelInferRequest.InferInputTensor(name=name, datatype=spec.datatype, shape=[1])
+    if spec.kind is str:
+        t.contents.bytes_contents.append(value.encode("utf-8"))
+    elif spec.kind is int:
+        t.contents.int64_contents.append(int(value))
+    else:
+        t.contents.fp32_contents.append(float(value))
+    return t
+
+
+def encode_request(params: GenerationParams, request_id: str = "") -> pb.ModelInferRequest:
+    """GenerationParams -> ModelInferRequest with every given setting as a named input."""
+    values = {
+        "prompt": params.prompt,
+        "negative_prompt": params.negative_prompt,
+        "width": params.width,
+        "height": params.height,
+        "seed": params.seed,
+        "n": params.n,
+        "steps": params.steps,
+        "guidance_scale": params.guidance_scale,
+        "guidance_rescale": params.guidance_rescale,
+        "sampler": params.sampler,
+        "preview_every": params.preview_every or None,
+    }
+    return pb.ModelInferRequest(
+        model_name=params.model,
+        id=request_id,
+        inputs=[_tensor(k, v) for k, v in values.items() if v is not None],
+    )
+
+
+# ---- request: worker side ----------------------------------------------------------------
+
+
+def _raw_values(raw: bytes, datatype: str, name: str) -> list:
+    if datatype == "BYTES":
+        out, pos = [], 0
+        while pos < len(raw):
+            if pos + 4 > len(raw):
+                raise InvalidRequestError(f"input {name}: raw BYTES data is truncated", param=name)
+            (length,) = struct.unpack_from("<I", raw, pos)
+            pos += 4
+            if pos + length > len(raw):
+                raise InvalidRequestError(f"input {name}: raw BYTES element runs past the data", param=name)
+            out.append(raw[pos : pos + length])
+            pos += length
+        return out
+    fmt = RAW_FORMATS.get(datatype)
+    if fmt is None:
+        raise InvalidRequestError(f"input {name}: unsupported datatype {datatype}", param=name)
+    size = struct.calcsize(fmt)
+    if len(raw) % size:
+        raise InvalidRequestError(f"input {name}: {len(raw)} raw bytes is not a whole number of {datatype}", param=name)
+    return [v[0] for v in struct.iter_unpack("<" + fmt, raw)]
+
+
+def _typed_values(contents: pb.InferTensorContents, datatype: str) -> list:
+    if datatype == "BYTES":
+        return list(contents.bytes_contents)
+    if datatype in ("INT8", "INT16", "INT32"):
+        return list(contents.int_contents)
+    if datatype == "INT64":
+        return list(contents.int64_contents)
+    if datatype in ("UINT8", "UINT16", "UINT32"):
+        return list(contents.uint_contents)
+    if datatype == "UINT64":
+        return list(contents.uint64_contents)
+    if datatype in ("FP16", "FP32"):
+        return list(contents.fp32_contents)
+    if datatype == "FP64":
+        return list(contents.fp64_contents)
+    if datatype == "BOOL":
+        return list(contents.bool_contents)
+    return []
+
+
+def _convert(spec: InputSpec, datatype: str, value: Any) -> Any:
+    name = spec.name
+    if spec.kind is str:
+        if datatype != "BYTES":
+            raise InvalidRequestError(f"input {name} must be BYTES (UTF-8 text), got {datatype}", param=name)
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequestError(f"input {name} is not valid UTF-8", param=name) from None
+    if spec.kind is int:
+        if datatype not in INT_TYPES:
+            raise InvalidRequestError(f"input {name} must be an integer tensor (INT64), got {datatype}", param=name)
+        return int(value)
+    if datatype not in FLOAT_TYPES | INT_TYPES:
+        raise InvalidRequestError(f"input {name} must be a number (FP32), got {datatype}", param=name)
+    return float(value)
+
+
+def _parameter(spec: InputSpec, p: pb.InferParameter) -> Any:
+    choice = p.WhichOneof("parameter_choice")
+    value = getattr(p, choice) if choice else None
+    name = spec.name
+    if spec.kind is str and choice == "string_param":
+        return value
+    if spec.kind is int and choice in ("int64_param", "uint64_param"):
+        return int(value)
+    if spec.kind is float and choice in ("double_param", "int64_param", "uint64_param"):
+        return float(value)
+    wanted = {str: "string_param", int: "int64_param", float: "double_param"}[spec.kind]
+    raise InvalidRequestError(f"parameter {name} must be a {wanted}, got {choice or 'nothing'}", param=name)
+
+
+def decode_request(req: pb.ModelInferRequest) -> WireParams:
+    """ModelInferRequest -> WireParams; raises InvalidRequestError naming the input at fault."""
+    if not req.model_name:
+        raise InvalidRequestError("model_name is empty: name the model (see RepositoryIndex)", param="model")
+    if req.raw_input_contents and len(req.raw_input_contents) != len(req.inputs):
+        raise InvalidRequestError(
+            f"raw_input_contents has {len(req.raw_input_contents)} entries for {len(req.inputs)} inputs", param="inputs"
+        )
+    values: dict[str, Any] = {}
+    for i, t in enumerate(req.inputs):
+        spec = BY_NAME.get(t.name)
+        if spec is None:
+            raise InvalidRequestError(
+                f"unknown input {t.name!r}; inputs are {', '.join(BY_NAME)}", param=t.name or "inputs"
+            )
+        if t.name in values:
+            raise InvalidRequestError(f"input {t.name} is given twice", param=t.name)
+        datatype = t.datatype.upper()
+        items = _raw_values(req.raw_input_contents[i], datatype, t.name) if req.raw_input_contents else _typed_values(t.contents, datatype)
+        count = 1
+        for d in t.shape:
+            count *= d
+        if len(items) != 1 or (t.shape and count != 1):
+            raise InvalidRequestError(
+                f"input {t.name} must hold exactly one element (shape [1]); got shape {list(t.shape)} "
+                f"with {len(items)} values",
+                param=t.name,
+            )
+        values[t.name] = _convert(spec, datatype, items[0])
+    for name, p in req.parameters.items():
+        spec = BY_NAME.get(name)
+        if spec is None:
+            continue  # other servers' parameters (priority, timeout, binary_data_output...) are ignored
+        if name in values:
+            raise InvalidRequestError(f"{name} is given both as an input and as a parameter", param=name)
+        values[name] = _parameter(spec, p)
+    if "prompt" not in values:
+        raise InvalidRequestError("input prompt is missing: describe the image to generate", param="prompt")
+    known = {name for name, _, _ in OUTPUTS}
+    outputs = tuple(o.name for o in req.outputs)
+    for name in outputs:
+        if name not in known:
+            raise InvalidRequestError(f"unknown output {name!r}; outputs are {', '.join(sorted(known))}", param="outputs")
+    n = values.get("n", 1)
+    if not (1 <= n <= MAX_N):
+        raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {n}", param="n")
+    every = values.get("preview_every", 0)
+    if every < 0:
+        raise InvalidRequestError(f"preview_every must be 0 (none) or a number of steps, got {every}", param="preview_every")
+    return WireParams(model=req.model_name, id=req.id, outputs=outputs, **values)
+
+
+# ---- response: worker side ---------------------------------------------------------------
+
+
+def _param(value: Any) -> pb.InferParameter:
+    if isinstance(value, bool):
+        return pb.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        return pb.InferParameter(int64_param=value)
+    if isinstance(value, float):
+        return pb.InferParameter(double_param=value)
+    return pb.InferParameter(string_param=str(value))
+
+
+def encode_result(
+    model: str,
+    request_id: str,
+    images_png: list[bytes],
+    seeds: list[int],
+    prompt_tokens: int,
+    engine_seconds: float,
+    outputs: tuple[str, ...] = (),
+    event: str | None = None,
+) -> pb.ModelInferResponse:
+    resp = pb.ModelInferResponse(model_name=model, id=request_id)
+    resp.parameters["engine_seconds"].CopyFrom(_param(float(engine_seconds)))
+    if event:
+        resp.parameters[EVENT].CopyFrom(_param(event))
+    wanted = set(outputs) or {name for name, _, _ in OUTPUTS}
+    Out = pb.ModelInferResponse.InferOutputTensor
+    if "images" in wanted:
+        t = Out(name="images", datatype="BYTES", shape=[len(images_png)])
+        t.contents.bytes_contents.extend(images_png)
+        resp.outputs.append(t)
+    if "seeds" in wanted:
+        t = Out(name="seeds", datatype="INT64", shape=[len(seeds)])
+        t.contents.int64_contents.extend(seeds)
+        resp.outputs.append(t)
+    if "prompt_tokens" in wanted:
+        t = Out(name="prompt_tokens", datatype="INT64", shape=[1])
+        t.contents.int64_contents.append(prompt_tokens)
+        resp.outputs.append(t)
+    return resp
+
+
+def encode_progress(model: str, request_id: str, progress: Progress) -> pb.ModelStreamInferResponse:
+    resp = pb.ModelInferResponse(model_name=model, id=request_id)
+    for key, value in (
+        (EVENT, "progress"),
+        ("image_index", progress.image_index),
+        ("step", progress.step),
+        ("total_steps", progress.total_steps),
+    ):
+        resp.parameters[key].CopyFrom(_param(value))
+    if progress.preview_jpeg is not None:
+        t = pb.ModelInferResponse.InferOutputTensor(name="preview", datatype="BYTES", shape=[1])
+        t.contents.bytes_contents.append(progress.preview_jpeg)
+        resp.outputs.append(t)
+    return pb.ModelStreamInferResponse(infer_response=resp)
+
+
+# ---- response: client side ---------------------------------------------------------------
+
+
+def _param_value(p: pb.InferParameter) -> Any:
+    choice = p.WhichOneof("parameter_choice")
+    return getattr(p, choice) if choice else None
+
+
+def _outputs(resp: pb.ModelInferResponse) -> dict[str, list]:
+    found = {}
+    for i, t in enumerate(resp.outputs):
+        if i < len(resp.raw_output_contents):
+            found[t.name] = _raw_values(resp.raw_output_contents[i], t.datatype, t.name)
+        else:
+            found[t.name] = _typed_values(t.contents, t.datatype)
+    return found
+
+
+def event_of(resp: pb.ModelInferResponse) -> str:
+    return _param_value(resp.parameters[EVENT]) if EVENT in resp.parameters else "result"
+
+
+def decode_progress(resp: pb.ModelInferResponse) -> Progress:
+    p = {k: _param_value(v) for k, v in resp.parameters.items()}
+    preview = _outputs(resp).get("preview")
+    return Progress(
+        image_index=int(p["image_index"]),
+        step=int(p["step"]),
+        total_steps=int(p["total_steps"]),
+        preview_jpeg=bytes(preview[0]) if preview else None,
+    )
+
+
+def decode_result(resp: pb.ModelInferResponse, worker: str) -> GenerationResult:
+    out = _outputs(resp)
+    seconds = resp.parameters["engine_seconds"] if "engine_seconds" in resp.parameters else None
+    return GenerationResult(
+        images_png=[bytes(b) for b in out.get("images", [])],
+        seeds=[int(s) for s in out.get("seeds", [])],
+        prompt_tokens=int(out.get("prompt_tokens", [0])[0]),
+        worker=worker,
+        engine_seconds=float(_param_value(seconds)) if seconds is not None else 0.0,
+    )
+
+
+# ---- model metadata ----------------------------------------------------------------------
+
+
+def encode_model_metadata(name: str, version: str, platform: str, info: dict[str, Any]) -> pb.ModelMetadataResponse:
+    Meta = pb.ModelMetadataResponse.TensorMetadata
+    resp = pb.ModelMetadataResponse(
+        name=name,
+        versions=[version],
+        platform=platform,
+        inputs=[Meta(name=s.name, datatype=s.datatype, shape=[1]) for s in INPUTS],
+        outputs=[Meta(name=n, datatype=d, shape=[s]) for n, d, s in OUTPUTS],
+    )
+    for key, value in info.items():
+        resp.parameters[key].CopyFrom(_param(value))
+    return resp
+
+
+def decode_model_metadata(resp: pb.ModelMetadataResponse) -> ModelInfo:
+    p = {k: _param_value(v) for k, v in resp.parameters.items()}
+    return ModelInfo(
+        name=resp.name,
+        family=str(p.get("family", "")),
+        default_size=str(p.get("default_size", "")),
+        min_side=int(p.get("min_side", 0)),
+        max_side=int(p.get("max_side", 0)),
+        multiple_of=int(p.get("multiple_of", 8)),
+        default_steps=int(p.get("default_steps", 0)),
+        max_batch=int(p.get("max_batch", 1)),
+    )
