@@ -1,0 +1,104 @@
+"""`make bench`: every benchmark in one run, each printing its table and writing JSON to results/.
+
+    python -m benchmarks.run                 # all of them
+    python -m benchmarks.run --only engine   # one group: engine, memory, worker, http
+    python -m benchmarks.run --quick         # small workloads only (no SD 1.5 architecture)
+
+The SD 1.5 workload is the real architecture with random weights (timing does not depend on
+weight values), built from export/architectures/sd15 and exported on first use (about 5 minutes
+and 10 GB of memory on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SD15_CHECKPOINT = ROOT / "build" / "checkpoints" / "sd15-random"
+SD15_PACKAGE = ROOT / "build" / "sd15-random" / "cpu"
+TINY_CHECKPOINT = ROOT / "build" / "test-cache" / "checkpoints" / "sd1"
+TINY_PACKAGE = ROOT / "build" / "test-cache" / "packages" / "sd1" / "cpu"
+
+log = logging.getLogger("bench")
+
+
+def ensure_tiny() -> None:
+    from export.package import build_package
+    from export.random_checkpoint import build_random_checkpoint
+
+    if not (TINY_CHECKPOINT / "model_index.json").exists():
+        build_random_checkpoint(ROOT / "tests" / "assets" / "tiny" / "sd1", TINY_CHECKPOINT)
+    build_package(TINY_CHECKPOINT, TINY_PACKAGE.parents[1], name="sd1")
+
+
+def ensure_sd15() -> None:
+    from export.package import build_package
+    from export.random_checkpoint import build_random_checkpoint
+
+    if not (SD15_CHECKPOINT / "model_index.json").exists():
+        build_random_checkpoint(ROOT / "export" / "architectures" / "sd15", SD15_CHECKPOINT)
+    build_package(SD15_CHECKPOINT, SD15_PACKAGE.parents[1], name="sd15-random")
+
+
+def run_module(module: str, *args: str) -> None:
+    print(f"\n=== python -m {module} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, check=True)
+
+
+def engine(quick: bool) -> None:
+    ensure_tiny()
+    run_module("benchmarks.engine_vs_diffusers", "--checkpoint", str(TINY_CHECKPOINT), "--package", str(TINY_PACKAGE),
+               "--label", "tiny-sd1", "--size", "256x256", "--steps", "4", "--variants")
+    if not quick:
+        ensure_sd15()
+        run_module("benchmarks.engine_vs_diffusers", "--checkpoint", str(SD15_CHECKPOINT), "--package", str(SD15_PACKAGE),
+                   "--label", "sd15-architecture", "--size", "256x256", "--steps", "3", "--variants")
+
+
+def memory(quick: bool) -> None:
+    ensure_tiny()
+    run_module("benchmarks.memory_per_size", "--package", str(TINY_PACKAGE))
+    if not quick:
+        ensure_sd15()
+        run_module("benchmarks.memory_per_size", "--package", str(SD15_PACKAGE))
+
+
+def optional(module: str, quick: bool) -> None:
+    """Benchmarks that live in their own module, run if present."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError:
+        print(f"\n=== {module}: not present, skipped")
+        return
+    run_module(module, *(["--quick"] if quick else []))
+
+
+GROUPS = {
+    "engine": engine,
+    "memory": memory,
+    "worker": lambda quick: optional("benchmarks.worker_throughput", quick),
+    "http": lambda quick: optional("benchmarks.http_overhead", quick),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=list(GROUPS), action="append")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.perf_counter()
+    for name in args.only or GROUPS:
+        GROUPS[name](args.quick)
+    print(f"\nall benchmarks done in {time.perf_counter() - t0:.0f}s; results in {ROOT / 'benchmarks' / 'results'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
