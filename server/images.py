@@ -1,0 +1,39 @@
+"""Routes: POST /v1/images/generations and GET /v1/images/files/{name} (hosted PNGs)."""
+
+from __future__ import annotations
+
+from litestar import Request, Response, get, post
+from litestar.openapi import ResponseSpec
+from litestar.response import File
+
+from server.auth import OPEN_OPT
+from server.images_store import ROUTE as FILES_ROUTE
+from server.images_store import ImageStore
+from server.openapi_docs import ERROR_RESPONSES, error_spec
+from server.protocol import ImageGenerationRequest, ImagesResponse
+from server.serving_images import ImagesService
+
+
+@post(
+    "/v1/images/generations",
+    status_code=200,
+    summary="Create images from a prompt (OpenAI Images API)",
+    responses={200: ResponseSpec(ImagesResponse, description="The images"), **ERROR_RESPONSES},
+    tags=["images"],
+)
+async def create_images(data: ImageGenerationRequest, request: Request, images: ImagesService) -> Response:
+    return Response(await images.generate(data, request.receive), media_type="application/json")
+
+
+@get(
+    FILES_ROUTE + "/{name:str}",
+    summary="A hosted image (no API key: the id is unguessable); 404 once it expired",
+    media_type="image/png",
+    opt={OPEN_OPT: True},
+    responses={404: error_spec("Unknown or expired image")},
+    tags=["images"],
+)
+async def image_file(name: str, store: ImageStore) -> File:
+    path = store.path(name)
+    cache = f"private, max-age={store.seconds_left(path)}"
+    return File(path, media_type="image/png", content_disposition_type="inline", headers={"cache-control": cache})

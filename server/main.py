@@ -1,0 +1,185 @@
+"""`kiln serve`: start local engine workers and the HTTP front end.
+
+    kiln serve --config kiln.toml                       # a deployment (see kiln.example.toml)
+    kiln serve --port 8000 --model models/kiln-shapes   # quick start (what `make serve` runs)
+
+Quick start builds the model's package if it is missing (in a child process: torch never enters
+this one), starts one local worker, and serves the model under its own name and the aliases
+gpt-4o, dall-e-3 and dall-e-2. API keys come from the config or `KILN_API_KEYS`
+(comma-separated); when there are none, one is generated and printed (never logged).
+Exit status: 0 after a clean stop, 2 for a bad setting or a failed start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+
+from engine.errors import KilnError
+from server.config import AuthConfig, Config, ConfigError, load_config, parse_config
+
+log = logging.getLogger("kiln.serve")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ALIASES = ["gpt-4o", "dall-e-3", "dall-e-2"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln serve", description="Serve the OpenAI-compatible image API.")
+    p.add_argument("--config", default=None, help="kiln.toml (see kiln.example.toml)")
+    p.add_argument("--model", default=None, help="quick start: a checkpoint or package folder (default models/kiln-shapes)")
+    p.add_argument("--host", default=None, help="listen address (default 127.0.0.1, or the config's)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default 8000, or the config's)")
+    p.add_argument("--public-url", default=None, help="base URL of hosted images, for a reverse proxy")
+    return p
+
+
+def quick_config(model: Path, env: dict[str, str]) -> dict:
+    """The config of `kiln serve --model DIR`: one local worker, the default aliases."""
+    package = package_for(model)
+    from engine.manifest import read_manifest
+
+    name = read_manifest(package).name
+    return {
+        "models": [{"name": name, "package": str(package), "aliases": [a for a in DEFAULT_ALIASES if a != name]}],
+        "workers": {"local": 1},
+        "images": {"dir": str(ROOT / "build" / "images")},
+    }
+
+
+def package_for(model: Path) -> Path:
+    """`model` itself if it is a package, else its CPU package under build/, exported if missing."""
+    if (model / "manifest.json").is_file():
+        return model
+    if not model.is_dir():
+        raise ConfigError(f"--model {model} does not exist (give a diffusers checkpoint or a package folder)")
+    package = ROOT / "build" / model.name / "cpu"
+    if not (package / "manifest.json").is_file():
+        log.info("building the package for %s (first start; this takes a while)", model)
+        cmd = [sys.executable, "-m", "kiln.cli", "export", str(model), "--target", "cpu", "--out", str(ROOT / "build")]
+        if subprocess.run(cmd).returncode != 0:
+            raise ConfigError(f"could not build a package from --model {model} (see the export error above)")
+    return package
+
+
+def resolve_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[Config, bool]:
+    """The process's Config; True when the API key was generated here."""
+    if args.config and args.model:
+        raise ConfigError("give either --config or --model, not both (models are listed in the config)")
+    if args.config:
+        config = load_config(args.config, env=env)
+    else:
+        config = parse_config(quick_config(Path(args.model or ROOT / "models" / "kiln-shapes"), env), source="--model", env=env)
+    server = config.server
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("public_url", args.public_url)) if v is not None}
+    if overrides:
+        config = parse_config(msgspec.to_builtins(msgspec.structs.replace(config, server=msgspec.structs.replace(server, **overrides))), source="command line", env={})
+    generated = False
+    if not config.auth.api_keys:
+        config = msgspec.structs.replace(config, auth=AuthConfig(api_keys=["kiln-" + secrets.token_urlsafe(24)]))
+        generated = True
+    return config, generated
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another with --port") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, generated = resolve_config(args, dict(os.environ))
+        logging.getLogger("kiln").setLevel(config.server.log_level.upper())
+        check_port_free(config.server.host, config.server.port)
+        return serve(config, generated)
+    except KilnError as e:
+        print(f"kiln serve: {e}", file=sys.stderr)
+        return 2
+
+
+def serve(config: Config, generated_key: bool) -> int:
+    import uvicorn
+
+    from engine.client.local import LocalWorkers
+    from engine.client.pool import WorkerPool
+    from server.app import create_app
+
+    w = config.workers
+    local = None
+    addresses = list(w.remote)
+    if w.local:
+        packages = [m.package for m in config.models if m.package]
+        local = LocalWorkers(
+            packages,
+            count=w.local,
+            ports=[w.base_port + k for k in range(w.local)] if w.base_port else None,
+            max_batch=w.max_batch,
+            max_queue=w.max_queue,
+            warmup_sizes=w.warmup_sizes,
+            batching=w.batching,
+            threads=w.threads,
+        )
+        log.info("starting %d local worker(s) for %s", w.local, ", ".join(packages))
+        addresses += local.start(timeout=w.start_timeout_s)
+    try:
+        app = create_app(config, WorkerPool(addresses), close_engine=True)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=config.server.host,
+                port=config.server.port,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=10,
+            )
+        )
+        banner = _banner(config, generated_key)
+        asyncio.run(_run(server, banner))
+        return 0 if server.started else 2
+    finally:
+        if local is not None:
+            local.stop()
+
+
+async def _run(server, banner: str) -> None:
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        print(banner, flush=True)
+    await task
+
+
+def _banner(config: Config, generated_key: bool) -> str:
+    url = f"http://{config.server.host}:{config.server.port}"
+    names = ", ".join(n for m in config.models for n in (m.name, *m.aliases))
+    lines = [
+        "",
+        f"Kiln is serving on {url}  (models: {names})",
+        f"  OpenAPI: {url}/schema   metrics: {url}/metrics",
+    ]
+    if generated_key:  # printed for the operator, never logged
+        lines.append(f"  API key (generated; set KILN_API_KEYS to choose): {config.auth.api_keys[0]}")
+    else:
+        lines.append(f"  API keys: {len(config.auth.api_keys)} from the config or KILN_API_KEYS")
+    lines.append(
+        f'  try: curl {url}/v1/chat/completions -H "Authorization: Bearer $KEY" -H "Content-Type: application/json" '
+        f"-d '{{\"model\": \"gpt-4o\", \"messages\": [{{\"role\": \"user\", \"content\": \"a red circle\"}}], \"size\": \"256x256\"}}'"
+    )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,68 @@
+"""Outermost ASGI layer: a request id on every request, one structured access log line, HTTP metrics.
+
+It wraps the whole Litestar app so that it also sees requests that never reach a route (404, 405).
+A client-sent `x-request-id` of up to 64 safe characters is kept; otherwise one is made. The id is
+returned in the `x-request-id` response header and named in 500 bodies and the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+
+from server.errors import REQUEST_ID_KEY
+from server.metrics import Metrics
+
+log = logging.getLogger("kiln.server.access")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+class Observed:
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    def __getattr__(self, name):  # the wrapped Litestar app's attributes (state, openapi_schema, ...)
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"").decode("latin-1")
+        request_id = incoming if _SAFE_ID.match(incoming) else "req_" + secrets.token_hex(12)
+        scope[REQUEST_ID_KEY] = request_id
+        status = 500  # if the app dies before answering, uvicorn sends a 500
+        start = time.perf_counter()
+
+        async def send_with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = scope.get("path_template") or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.requests.inc(route=route, method=method, status=str(status))
+            self.metrics.latency.observe(elapsed, route=route)
+            log.info(
+                "request_id=%s method=%s path=%s route=%s status=%d duration_ms=%.1f client=%s",
+                request_id,
+                method,
+                _redacted(scope.get("path", "")),
+                route,
+                status,
+                elapsed * 1000,
+                (scope.get("client") or ("-",))[0],
+            )
+
+
+def _redacted(path: str) -> str:
+    """Hosted image ids are capabilities: keep them out of the logs."""
+    return "/v1/images/files/<id>" if path.startswith("/v1/images/files/") else path

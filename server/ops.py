@@ -1,0 +1,32 @@
+"""Routes for operators: /health (alive), /ready (a worker is ready), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+import anyio
+from litestar import Response, get
+
+from engine.errors import WorkerUnavailableError
+from server.engine_port import EnginePort
+from server.images_store import ImageStore
+from server.metrics import CONTENT_TYPE, Metrics
+from server.openapi_docs import error_spec
+from server.protocol import Status
+
+
+@get("/health", summary="The process is alive", tags=["operations"])
+async def health() -> Status:
+    return Status(status="ok")
+
+
+@get("/ready", summary="At least one worker is ready", responses={503: error_spec("No worker ready")}, tags=["operations"])
+async def ready(engine: EnginePort) -> Status:
+    if not await engine.ready():
+        raise WorkerUnavailableError("no engine worker is ready")
+    return Status(status="ready")
+
+
+@get("/metrics", summary="Prometheus metrics (text format)", media_type=CONTENT_TYPE, tags=["operations"])
+async def metrics(metrics: Metrics, engine: EnginePort, store: ImageStore) -> Response:
+    metrics.workers_ready.set(1.0 if await engine.ready() else 0.0)
+    metrics.stored_images.set(await anyio.to_thread.run_sync(store.count))
+    return Response(metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,237 @@
+"""Typed request and response bodies of the OpenAI-compatible API (what Litestar publishes as OpenAPI).
+
+Requests ignore fields they do not know (the openai client sends many), reject wrong types, and
+carry Kiln's extension fields (`seed`, `negative_prompt`, `steps`, `guidance_scale`, `sampler`),
+which the openai client sends through `extra_body`. Ranges that depend on the configuration
+(`n`, `steps`, sizes) are checked in the serving modules, with messages naming the parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+Seed = Annotated[int, Meta(ge=0, le=2**63 - 1, description="Seed of the first image; image k uses seed + k.")]
+Steps = Annotated[int, Meta(ge=1, le=150, description="Denoising steps (default: the model's).")]
+Guidance = Annotated[float, Meta(ge=0, le=50, description="Classifier-free guidance scale.")]
+Count = Annotated[int, Meta(ge=1, description="Number of images (1..limits.max_n).")]
+Size = Annotated[str, Meta(description="WIDTHxHEIGHT, e.g. 1024x1024; see the error message for what a model allows.")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat completions: request
+
+
+class ImageUrl(msgspec.Struct):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(msgspec.Struct, tag_field="type", tag="text"):
+    text: str
+
+
+class ImageUrlPart(msgspec.Struct, tag_field="type", tag="image_url"):
+    image_url: ImageUrl
+
+
+ContentPart = TextPart | ImageUrlPart
+
+
+class ChatMessage(msgspec.Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+class ResponseFormatObject(msgspec.Struct):
+    """OpenAI's object form; `{"type": "text"}` means the default, `url`/`b64_json` choose the image form."""
+
+    type: str
+
+
+class ChatCompletionRequest(msgspec.Struct):
+    model: str
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    n: Count | None = None
+    size: Size | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Kiln: "url" (hosted PNG) or "b64_json" (a data: URL), or OpenAI's {"type": ...} object.
+    response_format: str | ResponseFormatObject | None = None
+    # Kiln extensions (extra_body in the openai client)
+    seed: Seed | None = None
+    negative_prompt: str | None = None
+    steps: Steps | None = None
+    guidance_scale: Guidance | None = None
+    sampler: str | None = None
+    preview_every: Annotated[int, Meta(ge=0, le=1000)] | None = None  # stream: a JPEG preview every k steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat completions: response
+
+
+class ImageUrlOut(msgspec.Struct):
+    url: str
+
+
+class ImageUrlContent(msgspec.Struct):
+    image_url: ImageUrlOut
+    type: str = "image_url"
+
+
+class TextContent(msgspec.Struct):
+    text: str
+    type: str = "text"
+
+
+class AssistantMessage(msgspec.Struct):
+    content: list[ImageUrlContent | TextContent]
+    role: str = "assistant"
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatChoice(msgspec.Struct):
+    message: AssistantMessage
+    index: int = 0
+    finish_reason: str = "stop"
+    logprobs: None = None
+
+
+class ChatCompletion(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    seeds: list[int]  # Kiln: the seed of each image, to reproduce it
+    object: str = "chat.completion"
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat completions: stream chunks
+
+
+class ImageUrlDelta(msgspec.Struct):
+    """A content part in a delta: the integer `index` lets clients merge parts (openai's stream helper)."""
+
+    index: int
+    image_url: ImageUrlOut
+    type: str = "image_url"
+
+
+class TextDelta(msgspec.Struct):
+    index: int
+    text: str
+    type: str = "text"
+
+
+class Delta(msgspec.Struct):
+    role: str | UnsetType = UNSET
+    content: list[ImageUrlDelta | TextDelta] | UnsetType = UNSET
+
+
+class ChunkChoice(msgspec.Struct):
+    delta: Delta
+    index: int = 0
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class StreamProgress(msgspec.Struct):
+    """Kiln: denoising progress of one image, sent in chunks whose delta is empty."""
+
+    image_index: int
+    step: int
+    total_steps: int
+    preview: str | UnsetType = UNSET  # data:image/jpeg;base64,... when preview_every asked for one
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    object: str = "chat.completion.chunk"
+    usage: Usage | None | UnsetType = UNSET  # present (null until the last chunk) with include_usage
+    progress: StreamProgress | UnsetType = UNSET
+    seeds: list[int] | UnsetType = UNSET
+
+
+# ---------------------------------------------------------------------------------------------
+# Images API
+
+
+class ImageGenerationRequest(msgspec.Struct):
+    prompt: str
+    model: str | None = None
+    n: Count | None = None
+    size: Size | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    quality: str | None = None  # accepted, no effect
+    style: str | None = None  # accepted, no effect
+    user: str | None = None
+    seed: Seed | None = None
+    negative_prompt: str | None = None
+    steps: Steps | None = None
+    guidance_scale: Guidance | None = None
+    sampler: str | None = None
+
+
+class ImageData(msgspec.Struct):
+    url: str | UnsetType = UNSET
+    b64_json: str | UnsetType = UNSET
+    revised_prompt: str | UnsetType = UNSET
+    seed: int | UnsetType = UNSET  # Kiln
+
+
+class ImagesResponse(msgspec.Struct):
+    created: int
+    data: list[ImageData]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, health, errors
+
+
+class Model(msgspec.Struct):
+    id: str
+    created: int
+    owned_by: str = "kiln"
+    object: str = "model"
+
+
+class ModelList(msgspec.Struct):
+    data: list[Model]
+    object: str = "list"
+
+
+class Status(msgspec.Struct):
+    status: str
+
+
+class ErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody
