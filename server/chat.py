@@ -8,6 +8,7 @@ from litestar.response import Stream
 
 from server.errors import request_id_of
 from server.openapi_docs import ERROR_RESPONSES
+from server.validation import strict_body
 from server.protocol import ChatCompletion, ChatCompletionRequest
 from server.serving_chat import ChatService
 
@@ -22,6 +23,7 @@ from server.serving_chat import ChatService
     ),
     responses={200: ResponseSpec(ChatCompletion, description="The images (or an SSE stream with stream=true)"), **ERROR_RESPONSES},
     tags=["chat"],
+    before_request=strict_body(ChatCompletionRequest),
 )
 async def chat_completions(data: ChatCompletionRequest, request: Request, chat: ChatService) -> Response:
     if data.stream:

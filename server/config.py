@@ -34,7 +34,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     public_url: str = ""
     max_body_bytes: int = 1_048_576
     # Paths served without an API key.
-    open_paths: list[str] = msgspec.field(default_factory=lambda: ["/health", "/ready", "/metrics"])
+    open_paths: list[str] = msgspec.field(default_factory=lambda: ["/health", "/ready", "/metrics", "/schema"])
     log_level: str = "info"
 
 

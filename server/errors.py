@@ -52,6 +52,14 @@ class BadRequestError(ApiError, InvalidRequestError):
     """A request field has a valid type but a value this server does not accept."""
 
 
+class InvalidBodyError(ApiError):
+    """The JSON body has a wrong type or misses a required field."""
+
+
+class InvalidJSONError(ApiError):
+    """The body is not JSON at all."""
+
+
 class ModelNotFoundError(ApiError):
     """The requested model is neither a local name nor an alias."""
 
@@ -81,6 +89,8 @@ class ErrorSpec:
 ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     # request problems: the same request fails again
     BadRequestError: ErrorSpec(400, "invalid_request_error", "invalid_value", retry=False),
+    InvalidBodyError: ErrorSpec(400, "invalid_request_error", "invalid_type", retry=False),
+    InvalidJSONError: ErrorSpec(400, "invalid_request_error", "invalid_json", retry=False),
     InvalidRequestError: ErrorSpec(400, "invalid_request_error", "invalid_value", retry=False),
     ValidationException: ErrorSpec(400, "invalid_request_error", "invalid_type", retry=False),
     ClientException: ErrorSpec(400, "invalid_request_error", "invalid_request", retry=False),

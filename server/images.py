@@ -10,6 +10,7 @@ from server.auth import OPEN_OPT
 from server.images_store import ROUTE as FILES_ROUTE
 from server.images_store import ImageStore
 from server.openapi_docs import ERROR_RESPONSES, error_spec
+from server.validation import strict_body
 from server.protocol import ImageGenerationRequest, ImagesResponse
 from server.serving_images import ImagesService
 
@@ -20,6 +21,7 @@ from server.serving_images import ImagesService
     summary="Create images from a prompt (OpenAI Images API)",
     responses={200: ResponseSpec(ImagesResponse, description="The images"), **ERROR_RESPONSES},
     tags=["images"],
+    before_request=strict_body(ImageGenerationRequest),
 )
 async def create_images(data: ImageGenerationRequest, request: Request, images: ImagesService) -> Response:
     return Response(await images.generate(data, request.receive), media_type="application/json")

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -123,6 +124,9 @@ def serve(config: Config, generated_key: bool) -> int:
     w = config.workers
     local = None
     addresses = list(w.remote)
+    # uvicorn stops on SIGINT/SIGTERM and then re-raises the signal; ours turns it into a clean
+    # return, so the workers are stopped and the exit status is 0.
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     if w.local:
         packages = [m.package for m in config.models if m.package]
         local = LocalWorkers(
@@ -150,11 +154,27 @@ def serve(config: Config, generated_key: bool) -> int:
             )
         )
         banner = _banner(config, generated_key)
-        asyncio.run(_run(server, banner))
+        try:
+            asyncio.run(_run(server, banner))
+        except _Stopped:
+            pass
         return 0 if server.started else 2
+    except _Stopped:
+        log.info("stopped before the server started")
+        return 0
     finally:
         if local is not None:
             local.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM."""
+
+
+def _stop(signum, frame) -> None:
+    raise _Stopped(signum)
 
 
 async def _run(server, banner: str) -> None:

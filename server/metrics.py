@@ -126,5 +126,21 @@ class Metrics:
     def all(self) -> list[_Metric]:
         return [m for m in vars(self).values() if isinstance(m, _Metric)]
 
-    def render(self) -> str:
-        return "\n".join(line for m in self.all() for line in m.render()) + "\n"
+    def render(self, workers: dict[str, dict[str, float]] | None = None) -> str:
+        lines = [line for m in self.all() for line in m.render()]
+        lines += _worker_lines(workers or {})
+        return "\n".join(lines) + "\n"
+
+
+def _worker_lines(workers: dict[str, dict[str, float]]) -> list[str]:
+    """Each worker's own counters and gauges (queue_images, requests_rejected, ...), as reported
+    over gRPC, as `kiln_worker_<name>{worker="host:port"}` (untyped: a snapshot of the worker's values)."""
+    names = sorted({name for values in workers.values() for name in values})
+    lines: list[str] = []
+    for name in names:
+        metric = "kiln_worker_" + "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+        lines += [f"# HELP {metric} The worker's own {name}.", f"# TYPE {metric} untyped"]
+        for address, values in sorted(workers.items()):
+            if name in values:
+                lines.append(f'{metric}{{worker="{_escape(address)}"}} {_num(values[name])}')
+    return lines

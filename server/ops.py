@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 from litestar import Response, get
 
@@ -11,6 +13,8 @@ from server.images_store import ImageStore
 from server.metrics import CONTENT_TYPE, Metrics
 from server.openapi_docs import error_spec
 from server.protocol import Status
+
+log = logging.getLogger("kiln.server")
 
 
 @get("/health", summary="The process is alive", tags=["operations"])
@@ -29,4 +33,11 @@ async def ready(engine: EnginePort) -> Status:
 async def metrics(metrics: Metrics, engine: EnginePort, store: ImageStore) -> Response:
     metrics.workers_ready.set(1.0 if await engine.ready() else 0.0)
     metrics.stored_images.set(await anyio.to_thread.run_sync(store.count))
-    return Response(metrics.render(), media_type=CONTENT_TYPE)
+    workers = None
+    worker_metrics = getattr(engine, "metrics", None)  # WorkerPool has it; the port does not require it
+    if worker_metrics is not None:
+        try:
+            workers = await worker_metrics()
+        except Exception as e:  # a scrape must not fail because a worker is down
+            log.info("worker metrics unavailable: %s", e)
+    return Response(metrics.render(workers), media_type=CONTENT_TYPE)

@@ -86,14 +86,12 @@ class ImageUrlOut(msgspec.Struct):
     url: str
 
 
-class ImageUrlContent(msgspec.Struct):
+class ImageUrlContent(msgspec.Struct, tag_field="type", tag="image_url"):
     image_url: ImageUrlOut
-    type: str = "image_url"
 
 
-class TextContent(msgspec.Struct):
+class TextContent(msgspec.Struct, tag_field="type", tag="text"):
     text: str
-    type: str = "text"
 
 
 class AssistantMessage(msgspec.Struct):
@@ -128,18 +126,16 @@ class ChatCompletion(msgspec.Struct):
 # Chat completions: stream chunks
 
 
-class ImageUrlDelta(msgspec.Struct):
+class ImageUrlDelta(msgspec.Struct, tag_field="type", tag="image_url"):
     """A content part in a delta: the integer `index` lets clients merge parts (openai's stream helper)."""
 
     index: int
     image_url: ImageUrlOut
-    type: str = "image_url"
 
 
-class TextDelta(msgspec.Struct):
+class TextDelta(msgspec.Struct, tag_field="type", tag="text"):
     index: int
     text: str
-    type: str = "text"
 
 
 class Delta(msgspec.Struct):

@@ -1,0 +1,202 @@
+"""Live front ends for the server tests: real processes and real loopback ports, no fakes.
+
+`shared_server(package)` is THE server of the test session: `kiln serve --config` in a child
+process, which starts one real engine worker process on the tiny random-weight sd1 package
+(noise images, fine for the contract). Its limits keep every request cheap on a 2-core machine:
+default size 64x64, at most 128 pixels a side, 2 steps by default, n <= 2, one sample per UNet
+call and a queue of 2 images (so that a full queue is easy to reach on purpose).
+
+`thread_server(config)` runs another front end in this process (uvicorn in a thread) with its own
+settings, pointed at the shared worker or at an address where nothing listens.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "test-key-0123456789"
+SECOND_KEY = "second-key-9876543210"
+MODEL = "sd1"
+ALIASES = ("gpt-4o", "dall-e-3", "dall-e-2")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{log.read_text()[-4000:] if log else ''}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} was not ready within {timeout:g} s:\n{log.read_text()[-4000:] if log else ''}")
+
+
+def toml_config(package: Path, port: int, worker_port: int, images: Path, **limits) -> str:
+    limit_lines = "\n".join(f"{k} = {v}" for k, v in {"max_n": 2, "max_steps": 150, "request_timeout_s": 60, **limits}.items())
+    return f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+
+[[models]]
+name = "{MODEL}"
+package = "{package}"
+aliases = {list(ALIASES)!r}
+default_size = "64x64"
+default_steps = 2
+max_side = 128
+
+[workers]
+local = 1
+base_port = {worker_port}
+threads = 1
+max_batch = 1
+max_queue = 2
+warmup_sizes = ["64x64"]
+start_timeout_s = 120
+
+[images]
+dir = "{images}"
+
+[limits]
+{limit_lines}
+""".replace("'", '"')
+
+
+@dataclass
+class LiveServer:
+    url: str
+    key: str
+    images: Path
+    worker: str  # host:port of the engine worker behind it
+    log: Path | None = None
+    proc: subprocess.Popen | None = None
+    stop_thread: object = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60, **kwargs)
+
+    def openai(self, **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key, max_retries=0, timeout=60, **kwargs)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (0 when absent)."""
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        series = f"{name}{{{want}}}" if want else name
+        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.stop_thread is not None:
+            self.stop_thread()
+
+
+_SHARED: LiveServer | None = None
+
+
+def shared_server(package: Path) -> LiveServer:
+    """`kiln serve --config` with one real worker, started once per test session."""
+    global _SHARED
+    if _SHARED is not None:
+        return _SHARED
+    base = Path(os.environ.get("KILN_TEST_CACHE", ROOT / "build" / "test-cache")) / f"server-{os.getpid()}"
+    base.mkdir(parents=True, exist_ok=True)
+    port, worker_port = free_port(), free_port()
+    config = base / "kiln.toml"
+    config.write_text(toml_config(package, port, worker_port, base / "images"))
+    log = base / "server.log"
+    env = {**os.environ, "KILN_API_KEYS": f"{API_KEY},{SECOND_KEY}", "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kiln.cli", "serve", "--config", str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    server = LiveServer(url=url, key=API_KEY, images=base / "images", worker=f"127.0.0.1:{worker_port}", log=log, proc=proc)
+    try:
+        wait_ready(url, 180, proc, log)
+    except BaseException:
+        server.stop()
+        raise
+    atexit.register(server.stop)
+    _SHARED = server
+    return server
+
+
+def thread_server(package: Path, worker: str, images: Path, **limits) -> LiveServer:
+    """Another front end (uvicorn in a thread of this process) on `worker`, with other limits."""
+    import asyncio
+
+    import uvicorn
+
+    from engine.client.pool import WorkerPool
+    from server.app import create_app
+    from server.config import parse_config
+
+    port = free_port()
+    raw = {
+        "server": {"port": port},
+        "auth": {"api_keys": [API_KEY]},
+        "models": [
+            {"name": MODEL, "package": str(package), "aliases": list(ALIASES), "default_size": "64x64", "default_steps": 2, "max_side": 128}
+        ],
+        "workers": {"local": 0, "remote": [worker]},
+        "images": {"dir": str(images)},
+        "limits": {"max_n": 2, "max_steps": 150, "retry_after_s": 3, **limits},
+    }
+    config = parse_config(raw, env={})
+    app = create_app(config, WorkerPool([worker], probe_interval=0.2, probe_timeout=0.5), close_engine=True)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    end = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > end or not thread.is_alive():
+            raise RuntimeError("the in-process front end did not start")
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(15)
+
+    return LiveServer(url=f"http://127.0.0.1:{port}", key=API_KEY, images=images, worker=worker, stop_thread=stop)
