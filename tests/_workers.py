@@ -20,8 +20,9 @@ TOLERANCE = 2  # uint8 levels, the engine's parity tolerance
 FAST = dict(max_batch=4, warmup_sizes=["64x64"], threads=1, drain_timeout=20.0)
 
 
-def start_workers(package: Path, count: int = 1, log_dir: Path | None = None, **options) -> LocalWorkers:
-    workers = LocalWorkers([package], count, log_dir=log_dir, **{**FAST, **options})
+def start_workers(package: Path | list[Path], count: int = 1, log_dir: Path | None = None, **options) -> LocalWorkers:
+    packages = package if isinstance(package, list) else [package]
+    workers = LocalWorkers(packages, count, log_dir=log_dir, **{**FAST, **options})
     workers.start(timeout=120)
     return workers
 

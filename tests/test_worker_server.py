@@ -1,4 +1,6 @@
-"""One real worker process on a loopback port, called as a standard v2 server and through the pool."""
+"""One real worker process on a loopback port, called as a standard v2 server and through the pool.
+
+The worker serves two packages (tiny SD1 and tiny SD2 v-prediction) from one scheduler."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from tests._workers import (
 
 @pytest.fixture(scope="module")
 def worker(tiny_package, tmp_path_factory):
-    workers = start_workers(tiny_package("sd1"), log_dir=tmp_path_factory.mktemp("logs"))
+    workers = start_workers([tiny_package("sd1"), tiny_package("sd2v")], log_dir=tmp_path_factory.mktemp("logs"))
     yield workers.addresses[0]
     assert workers.stop() == [0]
 
@@ -53,7 +55,23 @@ def test_health_and_metadata_answer_as_the_v2_protocol_says(v2):
     assert {t.name for t in meta.outputs} == {"images", "seeds", "prompt_tokens"}
     assert meta.parameters["max_batch"].int64_param == 4
     index = v2.RepositoryIndex(pb.RepositoryIndexRequest())
-    assert [(m.name, m.state) for m in index.models] == [("sd1", "READY")]
+    assert sorted((m.name, m.state) for m in index.models) == [("sd1", "READY"), ("sd2v", "READY")]
+
+
+def test_one_worker_serves_several_packages_from_one_loop(worker):
+    async def run():
+        async with WorkerPool([worker]) as pool:
+            return await asyncio.gather(
+                *(
+                    pool.generate(GenerationParams(model=m, prompt="a cat", width=64, height=64, seed=s, steps=6), timeout=60)
+                    for m in ("sd1", "sd2v")
+                    for s in (1, 2)
+                )
+            )
+
+    results = arun(run())
+    assert [r.seeds for r in results] == [[1], [2], [1], [2]]
+    assert max_diff(results[0].images_png[0], results[2].images_png[0]) > TOLERANCE, "two models, two images"
 
 
 def test_a_hand_built_v2_request_gets_png_images_seeds_and_token_count(v2):

@@ -27,13 +27,20 @@ from engine.errors import WorkerUnavailableError
 log = logging.getLogger(__name__)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _death_signal():
+    """A function for the child (between fork and exec) that asks Linux to SIGTERM it when this
+    process dies. Everything is looked up here, in the parent: a forked child of a threaded
+    process must not import or take locks."""
+    if sys.platform != "linux":
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    PR_SET_PDEATHSIG, SIGTERM = 1, int(signal.SIGTERM)
+    return lambda: prctl(PR_SET_PDEATHSIG, SIGTERM)
 
 
 class LocalWorkers:
@@ -105,7 +112,7 @@ class LocalWorkers:
                     env=env,
                     stdout=out,
                     stderr=subprocess.STDOUT if out else None,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                    preexec_fn=_death_signal(),
                 )
             )
             if out:

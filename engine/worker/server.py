@@ -240,10 +240,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @staticmethod
     def _image_requests(pipe: Pipeline, params: wire.WireParams) -> list[ImageRequest]:
         """The n images of a request, defaults filled and every value checked (no model work)."""
-        width, height = params.width, params.height
-        if width is None or height is None:
-            dw, dh = parse_size(pipe.manifest.sizes.default)
-            width, height = width or dw, height or dh
+        dw, dh = parse_size(pipe.manifest.sizes.default)
+        width = dw if params.width is None else params.width
+        height = dh if params.height is None else params.height
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         first = pipe.resolve(
             ImageRequest(
