@@ -163,8 +163,8 @@ def shared_server(package: Path) -> LiveServer:
     return server
 
 
-def thread_server(package: Path, worker: str, images: Path, **limits) -> LiveServer:
-    """Another front end (uvicorn in a thread of this process) on `worker`, with other limits."""
+def thread_server(package: Path, worker: str, images: Path, server: dict | None = None, **limits) -> LiveServer:
+    """Another front end (uvicorn in a thread of this process) on `worker`, with other settings."""
     import asyncio
 
     import uvicorn
@@ -175,7 +175,7 @@ def thread_server(package: Path, worker: str, images: Path, **limits) -> LiveSer
 
     port = free_port()
     raw = {
-        "server": {"port": port},
+        "server": {"port": port, **(server or {})},
         "auth": {"api_keys": [API_KEY]},
         "models": [
             {"name": MODEL, "package": str(package), "aliases": list(ALIASES), "default_size": "64x64", "default_steps": 2, "max_side": 128}
@@ -186,17 +186,17 @@ def thread_server(package: Path, worker: str, images: Path, **limits) -> LiveSer
     }
     config = parse_config(raw, env={})
     app = create_app(config, WorkerPool([worker], probe_interval=0.2, probe_timeout=0.5), close_engine=True)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=lambda: asyncio.run(uv.serve()), daemon=True)
     thread.start()
     end = time.monotonic() + 30
-    while not server.started:
+    while not uv.started:
         if time.monotonic() > end or not thread.is_alive():
             raise RuntimeError("the in-process front end did not start")
         time.sleep(0.02)
 
     def stop() -> None:
-        server.should_exit = True
+        uv.should_exit = True
         thread.join(15)
 
     return LiveServer(url=f"http://127.0.0.1:{port}", key=API_KEY, images=images, worker=worker, stop_thread=stop)

@@ -238,8 +238,11 @@ def test_full_worker_queue_is_429_with_retry_after(live):
                     if await queued_images(c) == 2:
                         break
                     await asyncio.sleep(0.01)
-                client = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key=live.key, max_retries=0)
                 try:
+                    # a stream is refused before its 200 is sent: a real 429, not an error event
+                    refused = await c.post(CHAT, json=chat(stream=True))
+                    assert refused.status_code == 429 and refused.headers["retry-after"] == "2"
+                    client = openai.AsyncOpenAI(base_url=live.url + "/v1", api_key=live.key, max_retries=0)
                     await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
                 finally:
                     waiting.cancel()
@@ -250,7 +253,7 @@ def test_full_worker_queue_is_429_with_retry_after(live):
     assert response.status_code == 429
     assert response.headers["retry-after"] == "2"
     assert response.json()["error"]["code"] == "queue_full"
-    assert live.metric("kiln_rejections_total", reason="queue_full") == rejected_before + 1
+    assert live.metric("kiln_rejections_total", reason="queue_full") == rejected_before + 2
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from server.images_store import ImageStore
-from tests._server import API_KEY, MODEL, SECOND_KEY, shared_server
+from tests._server import API_KEY, MODEL, SECOND_KEY, shared_server, thread_server
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,18 @@ def test_openapi_schema_is_published_with_the_api_routes(live):
     assert schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
     request = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"model", "messages", "max_tokens", "temperature", "n", "size", "stream", "seed", "steps"} <= set(request)
+
+
+def test_public_base_url_is_used_for_hosted_images(live, tiny_package, tmp_path):
+    """Behind a reverse proxy the URLs name the proxy; the files are still served at the same path."""
+    proxied = thread_server(tiny_package("sd1"), live.worker, tmp_path, server={"public_url": "https://kiln.example.com/"})
+    try:
+        with proxied.client() as c:
+            url = c.post("/v1/images/generations", json={"prompt": "x"}).json()["data"][0]["url"]
+            assert url.startswith("https://kiln.example.com/v1/images/files/") and url.endswith(".png")
+            assert c.get(url.removeprefix("https://kiln.example.com")).headers["content-type"] == "image/png"
+    finally:
+        proxied.stop()
 
 
 def test_hosted_image_ids_carry_at_least_128_random_bits(tmp_path):

@@ -90,6 +90,14 @@ def test_openai_client_plain_stream_iterates_chunks(live):
     assert [part["type"] for part in deltas] == ["image_url", "text"]
 
 
+def test_stream_progress_can_carry_jpeg_previews(live):
+    events = sse_events(
+        live, {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True, "steps": 4, "preview_every": 2}
+    )
+    previews = [c["progress"]["preview"] for c in events[:-1] if "preview" in c.get("progress", {})]
+    assert previews and all(p.startswith("data:image/jpeg;base64,") for p in previews)
+
+
 def cancelled_in_worker(live) -> float:
     return live.metric("kiln_worker_requests_cancelled", worker=live.worker)
 
