@@ -23,9 +23,6 @@ class Observed:
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
 
-    def __getattr__(self, name):  # the wrapped Litestar app's attributes (state, openapi_schema, ...)
-        return getattr(self.app, name)
-
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)

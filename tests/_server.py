@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -136,8 +138,7 @@ def shared_server(package: Path) -> LiveServer:
     global _SHARED
     if _SHARED is not None:
         return _SHARED
-    base = Path(os.environ.get("KILN_TEST_CACHE", ROOT / "build" / "test-cache")) / f"server-{os.getpid()}"
-    base.mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="kiln-server-test-"))  # config, log and images; removed at exit
     port, worker_port = free_port(), free_port()
     config = base / "kiln.toml"
     config.write_text(toml_config(package, port, worker_port, base / "images"))
@@ -158,7 +159,7 @@ def shared_server(package: Path) -> LiveServer:
     except BaseException:
         server.stop()
         raise
-    atexit.register(server.stop)
+    atexit.register(lambda: (server.stop(), shutil.rmtree(base, ignore_errors=True)))
     _SHARED = server
     return server
 
