@@ -95,3 +95,23 @@ def test_sigterm_stops_admitting_finishes_in_flight_work_and_exits_0(tiny_packag
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "draining" in out
+
+
+def test_work_left_at_the_drain_timeout_fails_with_unavailable_so_clients_retry(tiny_package, tmp_path):
+    ready_file = tmp_path / "ready"
+    proc = spawn(tiny_package("sd1"), "--listen", "127.0.0.1:0", "--warmup-size", "64x64", "--drain-timeout", "0.3",
+                 ready_file=ready_file)  # fmt: skip
+    assert wait_for(lambda: ready_file.exists() or proc.poll() is not None, 60)
+    v2 = V2(ready_file.read_text().strip())
+    try:
+        stream = v2.ModelInferStream(infer_request(prompt="a cat", width=192, height=192, seed=3, steps=150), timeout=60)
+        next(stream)
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as cut:
+            list(stream)
+        assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert ("kiln-error", "WorkerUnavailableError") in cut.value.trailing_metadata()
+    finally:
+        v2.close()
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0

@@ -199,3 +199,27 @@ def test_an_expired_deadline_frees_the_remaining_steps(worker):
     assert wait_for(lambda: metrics(worker)["requests_expired"] == before["requests_expired"] + 1, 10)
     assert metrics(worker)["freed_steps"] > before["freed_steps"]
     assert np.isfinite(metrics(worker)["mean_batch"])
+
+
+def test_a_short_request_does_not_wait_behind_a_long_one_of_another_size(worker):
+    long = GenerationParams(model="sd1", prompt="a cat", width=128, height=128, seed=9, steps=150)
+    short = GenerationParams(model="sd1", prompt="a dog", width=64, height=64, seed=1, steps=4)
+
+    async def run():
+        async with WorkerPool([worker]) as pool:
+            progress = []
+            started = asyncio.Event()
+
+            def on_progress(p):
+                progress.append(p.step)
+                started.set()
+
+            task = asyncio.create_task(pool.generate(long, timeout=120, on_progress=on_progress))
+            await started.wait()
+            await pool.generate(short, timeout=60)
+            at = progress[-1]
+            task.cancel()
+            return at
+
+    long_step_when_short_done = arun(run())
+    assert long_step_when_short_done < 100, "the short request finished while the long one was still running"

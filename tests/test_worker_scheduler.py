@@ -1,0 +1,179 @@
+"""The batching policy of engine.worker.scheduler, in-process, over a pipeline that only records.
+
+The recording pipeline advances samples without a model, so these tests pin the order of UNet
+calls, their batches and the admission rules exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from engine.errors import QueueFullError, RequestCancelledError
+from engine.request import ImageRequest
+from engine.worker.scheduler import Job, JobFailed, JobResult, Scheduler
+
+
+class FakeSample:
+    def __init__(self, request: ImageRequest, tag):
+        self.request = request
+        self.tag = tag
+        self.x = np.zeros((4, request.height // 8, request.width // 8), dtype=np.float32)
+        self.step = 0
+        self.plan = SimpleNamespace(num_steps=request.steps)
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    @property
+    def done(self):
+        return self.step >= self.plan.num_steps
+
+
+class RecordingPipeline:
+    manifest = SimpleNamespace(latent_channels=4, vae_scale_factor=8)
+
+    def __init__(self):
+        self.calls: list[tuple[int, list[int]]] = []  # (latent width, [job ids]) per UNet call
+        self.prepared: list[int] = []  # requests per prepare call
+        self.decoded: list[int] = []  # samples per VAE call
+        self.after_step = None  # hook(call number), runs in the scheduler thread
+
+    def prepare(self, requests, tags):
+        self.prepared.append(len(requests))
+        return [FakeSample(r, t) for r, t in zip(requests, tags)]
+
+    def denoise_step(self, samples):
+        self.calls.append((samples[0].shape[2] * 8, [s.tag[0].id for s in samples]))
+        for s in samples:
+            s.step += 1
+        if self.after_step:
+            self.after_step(len(self.calls))
+
+    def decode(self, samples):
+        self.decoded.append(len(samples))
+        return [np.zeros((8, 8, 3), dtype=np.uint8) for _ in samples]
+
+
+def make_job(scheduler: Scheduler, size: int, steps: int, n: int = 1) -> tuple[Job, list]:
+    events: list = []
+    requests = [ImageRequest(prompt="x", width=size, height=size, seed=k, steps=steps) for k in range(n)]
+    return Job("m", requests, scheduler.key_for("m", size, size), 1, events.append), events
+
+
+@pytest.fixture
+def pipe():
+    return RecordingPipeline()
+
+
+def run(scheduler: Scheduler) -> None:
+    scheduler.start()
+    assert scheduler.wait_idle(10)
+    scheduler.close()
+
+
+def test_groups_of_different_sizes_take_turns(pipe):
+    s = Scheduler({"m": pipe}, max_batch=4)
+    small, _ = make_job(s, 64, steps=3)
+    large, _ = make_job(s, 128, steps=3)
+    s.submit(small)
+    s.submit(large)
+    run(s)
+    assert [width for width, _ in pipe.calls] == [64, 128, 64, 128, 64, 128]
+    assert pipe.prepared == [2], "both prompts were text-encoded in one call"
+
+
+def test_a_request_joins_the_running_batch_at_the_next_step_and_leaves_when_done(pipe):
+    s = Scheduler({"m": pipe}, max_batch=4)
+    first, _ = make_job(s, 64, steps=5)
+    second, second_events = make_job(s, 64, steps=2)
+    pipe.after_step = lambda call: s.submit(second) if call == 1 else None
+    s.submit(first)
+    run(s)
+    assert [ids for _, ids in pipe.calls] == [[first.id], [first.id, second.id], [first.id, second.id], [first.id], [first.id]]
+    assert isinstance(second_events[-1], JobResult)
+
+
+def test_a_full_group_holds_its_own_requests_but_not_other_sizes(pipe):
+    s = Scheduler({"m": pipe}, max_batch=2)
+    a, _ = make_job(s, 64, steps=2, n=2)  # fills the 64 group
+    b, _ = make_job(s, 64, steps=2)  # waits for room
+    c, _ = make_job(s, 128, steps=2)  # another size: not held up behind b
+    for job in (a, b, c):
+        s.submit(job)
+    run(s)
+    assert pipe.calls[:2] == [(64, [a.id, a.id]), (128, [c.id])]
+    assert (64, [b.id]) in pipe.calls[2:]
+
+
+def test_finished_samples_are_decoded_in_one_call(pipe):
+    s = Scheduler({"m": pipe}, max_batch=8)
+    job, events = make_job(s, 64, steps=2, n=3)
+    s.submit(job)
+    run(s)
+    assert pipe.decoded == [3]
+    result = events[-1]
+    assert isinstance(result, JobResult) and result.seeds == [0, 1, 2] and len(result.images_png) == 3
+
+
+def test_without_batching_requests_run_one_at_a_time(pipe):
+    s = Scheduler({"m": pipe}, max_batch=8, batching=False)
+    jobs = [make_job(s, 64, steps=2)[0] for _ in range(3)]
+    for job in jobs:
+        s.submit(job)
+    run(s)
+    assert [ids for _, ids in pipe.calls] == [[j.id] for j in jobs for _ in range(2)]
+
+
+def test_a_full_queue_refuses_before_any_work(pipe):
+    s = Scheduler({"m": pipe}, max_batch=1, max_queue=2)
+    s.submit(make_job(s, 64, steps=1)[0])
+    s.submit(make_job(s, 64, steps=1)[0])
+    with pytest.raises(QueueFullError, match="queue is full"):
+        s.submit(make_job(s, 64, steps=1)[0])
+    assert pipe.prepared == [] and s.metrics()[0]["requests_rejected"] == 1
+    run(s)
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_and_its_steps_are_counted_as_freed(pipe):
+    s = Scheduler({"m": pipe}, max_batch=4)
+    job, events = make_job(s, 64, steps=10)
+    pipe.after_step = lambda call: s.cancel(job) if call == 3 else None
+    s.submit(job)
+    run(s)
+    assert len(pipe.calls) == 3
+    assert isinstance(events[-1], JobFailed) and isinstance(events[-1].error, RequestCancelledError)
+    counters, _ = s.metrics()
+    assert counters["freed_steps"] == 7 and counters["requests_cancelled"] == 1
+
+
+def test_an_engine_failure_fails_only_the_requests_of_that_call(pipe):
+    s = Scheduler({"m": pipe}, max_batch=4)
+    bad, bad_events = make_job(s, 64, steps=2)
+    good, good_events = make_job(s, 128, steps=2)
+    real_step = pipe.denoise_step
+
+    def denoise_step(samples):
+        if samples[0].shape[2] == 8:
+            raise RuntimeError("onnxruntime: out of memory")
+        real_step(samples)
+
+    pipe.denoise_step = denoise_step
+    s.submit(bad)
+    s.submit(good)
+    run(s)
+    assert isinstance(bad_events[-1], JobFailed) and "out of memory" in str(bad_events[-1].error)
+    assert isinstance(good_events[-1], JobResult)
+
+
+def test_the_loop_runs_in_its_own_thread(pipe):
+    s = Scheduler({"m": pipe})
+    seen = []
+    pipe.after_step = lambda call: seen.append(threading.current_thread().name)
+    s.submit(make_job(s, 64, steps=1)[0])
+    run(s)
+    assert seen == ["kiln-scheduler"]
