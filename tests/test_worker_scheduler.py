@@ -177,3 +177,25 @@ def test_the_loop_runs_in_its_own_thread(pipe):
     s.submit(make_job(s, 64, steps=1)[0])
     run(s)
     assert seen == ["kiln-scheduler"]
+
+
+def test_a_fault_in_the_loop_fails_the_requests_instead_of_leaving_them_hanging(pipe):
+    s = Scheduler({"m": pipe}, max_batch=4)
+    job, events = make_job(s, 64, steps=3)
+    real_step = pipe.denoise_step
+
+    def corrupting_step(samples):
+        real_step(samples)
+        for sample in samples:
+            sample.plan = None  # the scheduler's own bookkeeping now raises AttributeError
+
+    pipe.denoise_step = corrupting_step
+    s.submit(job)
+    s.start()
+    assert s.wait_idle(10)
+    assert isinstance(events[-1], JobFailed) and "scheduler failed" in str(events[-1].error)
+    pipe.denoise_step = real_step
+    again, again_events = make_job(s, 64, steps=1)
+    s.submit(again)
+    assert s.wait_idle(10) and isinstance(again_events[-1], JobResult), "the loop keeps serving"
+    s.close()

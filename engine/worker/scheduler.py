@@ -143,7 +143,7 @@ class Job:
             if self.finished:
                 return False
             self.finished = True
-        self._emit(JobFailed(error))
+        self.emit(JobFailed(error))
         if self.on_finish:
             self.on_finish(self, error)
         return True
@@ -157,7 +157,7 @@ class Job:
             if self._left:
                 return
             self.finished = True
-        self._emit(
+        self.emit(
             JobResult(
                 images_png=list(self._pngs),  # type: ignore[arg-type]
                 seeds=[r.seed for r in self.requests],
@@ -168,7 +168,7 @@ class Job:
         if self.on_finish:
             self.on_finish(self, None)
 
-    def _emit(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
         try:
             self.sink(event)
         except Exception:  # a sink whose caller went away must not stop the loop
@@ -321,16 +321,31 @@ class Scheduler:
                     self._cv.wait()
                 if self._stopping:
                     return
-                dropped = self._drop_waiting()
-                admitted = self._take_admissible()
-            self._end(dropped)
-            self._end(self._drop_running())
-            if admitted:
-                self._admit(admitted)
-            key = self._next_group()
-            if key is not None:
-                self._step(key)
-            self._running_images = sum(len(samples) for samples in self._groups.values())
+            try:
+                self._iteration()
+            except Exception as e:  # a bug here must fail the requests, never leave them hanging
+                log.exception("scheduler iteration failed: failing the requests it was running")
+                error = EngineError(f"the worker's scheduler failed: {e}")
+                with self._cv:
+                    taken = [job for job in self._live if job not in self._waiting]
+                for job in taken:  # running, or admitted when it failed
+                    job.fail(error)
+                self._running_jobs.clear()
+                self._groups.clear()
+                self._order.clear()
+
+    def _iteration(self) -> None:
+        with self._cv:
+            dropped = self._drop_waiting()
+            admitted = self._take_admissible()
+        self._end(dropped)
+        self._end(self._drop_running())
+        if admitted:
+            self._admit(admitted)
+        key = self._next_group()
+        if key is not None:
+            self._step(key)
+        self._running_images = sum(len(samples) for samples in self._groups.values())
 
     def _end(self, stopped: list[tuple[Job, str]]) -> None:
         """Tell the callers of dropped jobs why (outside the lock: sinks may take their own)."""
@@ -459,7 +474,7 @@ class Scheduler:
         for s in batch:
             job, index = s.tag
             if job.progress and not job.finished:
-                job._emit(Progress(image_index=index, step=s.step, total_steps=s.plan.num_steps, preview_jpeg=self._preview(job, s)))
+                job.emit(Progress(image_index=index, step=s.step, total_steps=s.plan.num_steps, preview_jpeg=self._preview(job, s)))
         done = [s for s in batch if s.done]
         if not done:
             return
