@@ -14,11 +14,21 @@ log = logging.getLogger(__name__)
 
 # Components Kiln runs; the VAE encoder is not needed for text-to-image.
 EXPORTED = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+# Trace on an odd latent size. diffusers' UNet passes explicit upsample sizes only when the latent
+# is not divisible by 2**(levels-1); tracing on a divisible size would bake in plain 2x upsampling
+# and the graph would then fail on, say, 200x200 pixels (25x25 latents). Traced odd, every
+# upsample targets its skip connection's shape, which equals 2x whenever the size divides.
+TRACE_LATENT_SIDE = 27
 
 
 def _batched_timestep_unet_config(base_config):
-    """An instance of optimum's UNet ONNX config whose timestep input is (batch,)."""
-    from optimum.utils.input_generators import DummyTimestepInputGenerator
+    """An instance of optimum's UNet ONNX config whose timestep input is (batch,), traced odd-sized."""
+    from optimum.utils.input_generators import DummyTimestepInputGenerator, DummyVisionInputGenerator
+
+    class OddSizeVisionGenerator(DummyVisionInputGenerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.height = self.width = TRACE_LATENT_SIDE
 
     class PerSampleTimestepGenerator(DummyTimestepInputGenerator):
         def generate(self, input_name, framework="pt", int_dtype="int64", float_dtype="fp32"):
@@ -30,7 +40,7 @@ def _batched_timestep_unet_config(base_config):
 
     class PerSampleTimestepUNetConfig(base_cls):
         DUMMY_INPUT_GENERATOR_CLASSES = tuple(
-            PerSampleTimestepGenerator if g is DummyTimestepInputGenerator else g
+            {DummyTimestepInputGenerator: PerSampleTimestepGenerator, DummyVisionInputGenerator: OddSizeVisionGenerator}.get(g, g)
             for g in base_cls.DUMMY_INPUT_GENERATOR_CLASSES
         )
 

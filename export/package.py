@@ -31,6 +31,9 @@ from export.checkpoint import CheckpointInfo, inspect_checkpoint, sha256_file
 log = logging.getLogger(__name__)
 
 TARGETS = ("cpu", "cuda", "tensorrt")
+# Bump when a change to the export code changes what a package holds, so that packages made
+# before it are rebuilt instead of reused.
+EXPORT_REVISION = "2"
 DEFAULT_OPSET = 17
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64"}
 # Native resolution per family: what sizes and defaults derive from.
@@ -128,7 +131,7 @@ def _reusable(out: Path, info: CheckpointInfo, target: str) -> bool:
     return (
         manifest.source_digest == info.digest
         and manifest.target == target
-        and manifest.tools.get("kiln") == tool_versions().get("kiln")
+        and manifest.tools.get("kiln-export") == EXPORT_REVISION
     )
 
 
@@ -222,7 +225,7 @@ def build_package(
             defaults=default_sampling(info, scheduler),
             source_digest=info.digest,
             source_files=info.file_hashes,
-            tools=tool_versions(),
+            tools={**tool_versions(), "kiln-export": EXPORT_REVISION},
             force_zeros_for_empty_prompt=bool(getattr(pipeline.config, "force_zeros_for_empty_prompt", False)),
         )
         write_manifest(tmp, manifest)

@@ -93,3 +93,12 @@ def test_engine_matches_diffusers(family, sampler, tiny_checkpoint, tiny_package
     diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
     assert diff <= TOLERANCE, f"max abs difference {diff} > {TOLERANCE} levels"
     assert ours.std() > 0  # not a flat image: the comparison means something
+
+
+def test_sizes_that_are_multiples_of_8_only_match_too(tiny_checkpoint, tiny_package, monkeypatch):
+    """72x88 pixels = 9x11 latents, not divisible by the UNet's downsampling: still diffusers' image."""
+    req = ImageRequest(prompt="a purple star", width=72, height=88, seed=3, steps=4, guidance_scale=4.0, sampler="euler")
+    ours = Pipeline(tiny_package("sd1")).generate([req])[0]
+    theirs = diffusers_image(tiny_checkpoint("sd1"), "euler", req, monkeypatch)
+    assert ours.shape == theirs.shape == (88, 72, 3)
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= TOLERANCE
