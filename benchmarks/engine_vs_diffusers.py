@@ -24,10 +24,12 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a red circle on a blue background"
 
+DEFAULT = "engine (fixed shapes, extended opt) = default"
 ENGINE_VARIANTS = {
     "engine (dynamic shapes, basic opt)": {"fixed_shapes": False, "optimization": "basic"},
     "engine (fixed shapes, basic opt)": {"fixed_shapes": True, "optimization": "basic"},
-    "engine (fixed shapes, all opt)": {"fixed_shapes": True, "optimization": "all"},
+    DEFAULT: {"fixed_shapes": True, "optimization": "extended"},
+    "engine (fixed shapes, all opt + NCHWc)": {"fixed_shapes": True, "optimization": "all"},
 }
 
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     contenders = {"diffusers (PyTorch fp32)": ("diffusers", None)}
-    variants = ENGINE_VARIANTS if args.variants else {"engine (fixed shapes, all opt)": ENGINE_VARIANTS["engine (fixed shapes, all opt)"]}
+    variants = ENGINE_VARIANTS if args.variants else {DEFAULT: ENGINE_VARIANTS[DEFAULT]}
     contenders.update({name: ("engine", opts) for name, opts in variants.items()})
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for r in range(args.rounds):

@@ -29,6 +29,7 @@ def rss_mib() -> float:
 
 MODES = {
     "shared weights+arena": {},
+    "shared, all opt (NCHWc)": {"optimization": "all"},
     "shared weights only": {"shared_arena": False},
     "nothing shared": {"shared_arena": False, "share_weights": False},
 }
@@ -52,12 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--package", default="build/test-cache/packages/sd1/cpu")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--child", choices=list(MODES))
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated; 'nothing shared' of a large model needs 5x its weights in memory")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.package, args.child, args.steps)))
         return 0
     results = {}
-    for mode in MODES:
+    modes = args.modes.split(",")
+    for mode in modes:
         done = subprocess.run(
             [sys.executable, "-m", "benchmarks.memory_per_size", "--package", args.package, "--steps", str(args.steps), "--child", mode],
             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True,
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"RSS (MiB) of {args.package} as resolutions are added (sizes: {', '.join(SIZES)})")
     print(f"{'after':<10}" + "".join(f"{m:>24}" for m in results))
-    for key in results[next(iter(MODES))]:
+    for key in results[modes[0]]:
         print(f"{key:<10}" + "".join(f"{results[m][key]:>24.0f}" for m in results))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"memory_per_size_{Path(args.package).parent.name}.json"

@@ -66,7 +66,7 @@ def memory(quick: bool) -> None:
     run_module("benchmarks.memory_per_size", "--package", str(TINY_PACKAGE))
     if not quick:
         ensure_sd15()
-        run_module("benchmarks.memory_per_size", "--package", str(SD15_PACKAGE))
+        run_module("benchmarks.memory_per_size", "--package", str(SD15_PACKAGE), "--modes", "shared weights+arena,shared weights only")
 
 
 def optional(module: str, quick: bool) -> None:
