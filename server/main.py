@@ -58,17 +58,20 @@ def quick_config(model: Path, env: dict[str, str]) -> dict:
 
 
 def package_for(model: Path) -> Path:
-    """`model` itself if it is a package, else its CPU package under build/, exported if missing."""
+    """`model` itself if it is a package, else its CPU package under build/, exported if missing
+    or stale (the export reuses the package when the checkpoint's file hashes are unchanged)."""
     if (model / "manifest.json").is_file():
         return model
     if not model.is_dir():
         raise ConfigError(f"--model {model} does not exist (give a diffusers checkpoint or a package folder)")
     package = ROOT / "build" / model.name / "cpu"
-    if not (package / "manifest.json").is_file():
-        log.info("building the package for %s (first start; this takes a while)", model)
-        cmd = [sys.executable, "-m", "kiln.cli", "export", str(model), "--target", "cpu", "--out", str(ROOT / "build")]
-        if subprocess.run(cmd).returncode != 0:
+    have = (package / "manifest.json").is_file()
+    log.info("checking the package for %s%s", model, "" if have else " (first start: exporting, this takes a while)")
+    cmd = [sys.executable, "-m", "kiln.cli", "export", str(model), "--target", "cpu", "--out", str(ROOT / "build")]
+    if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
+        if not have:
             raise ConfigError(f"could not build a package from --model {model} (see the export error above)")
+        log.warning("could not re-check %s against %s (is `.[export]` installed?); serving the existing package", package, model)
     return package
 
 
