@@ -17,16 +17,20 @@ def default_package(target: str = "cpu") -> Path:
 
 
 def ensure_package(checkpoint: Path = DEFAULT_MODEL, target: str = "cpu", out_root: Path = BUILD) -> Path:
-    """The package for `checkpoint`, exporting it first if it is missing (needs `.[export]`)."""
+    """The package for `checkpoint`, exported first if it is missing or stale (needs `.[export]`).
+
+    An up-to-date package (same checkpoint file hashes) is reused without loading torch.
+    """
     package = out_root / checkpoint.name / target
-    if (package / "manifest.json").is_file():
-        return package
-    log.info("no package at %s yet: exporting %s (first use)", package, checkpoint)
     try:
         from export.package import build_package
+
+        return build_package(checkpoint, out_root, target=target)
     except ImportError as e:
+        if (package / "manifest.json").is_file():
+            log.warning("cannot re-check %s against %s without the export extras; using it as it is", package, checkpoint)
+            return package
         raise SystemExit(
             f"the package {package} is missing and exporting it needs the export extras "
             f"(pip install '.[export]'): {e}"
         ) from None
-    return build_package(checkpoint, out_root, target=target)
