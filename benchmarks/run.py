@@ -1,7 +1,7 @@
 """`make bench`: every benchmark in one run, each printing its table and writing JSON to results/.
 
     python -m benchmarks.run                 # all of them
-    python -m benchmarks.run --only engine   # one group: engine, memory, worker, http
+    python -m benchmarks.run --only engine   # one group: engine, memory, latency, worker, http
     python -m benchmarks.run --quick         # small workloads only (no SD 1.5 architecture)
 
 The SD 1.5 workload is the real architecture with random weights (timing does not depend on
@@ -69,6 +69,16 @@ def memory(quick: bool) -> None:
         run_module("benchmarks.memory_per_size", "--package", str(SD15_PACKAGE), "--modes", "shared weights+arena,shared weights only")
 
 
+def latency(quick: bool) -> None:
+    """Latency per size: the bundled model's package (else tiny SD1), then the SD 1.5 architecture."""
+    run_module("benchmarks.latency_per_size", *(["--quick"] if quick else []))
+    if not quick:
+        ensure_sd15()
+        # On 2 CPU cores one SD 1.5 step at 512x512 takes seconds: 3 steps, 1 timed image a size.
+        run_module("benchmarks.latency_per_size", "--package", str(SD15_PACKAGE), "--checkpoint", str(SD15_CHECKPOINT),
+                   "--label", "sd15-architecture", "--sizes", "256x256,512x512", "--steps", "3", "--repeats", "1")
+
+
 def optional(module: str, quick: bool) -> None:
     """Benchmarks that live in their own module, run if present."""
     try:
@@ -82,6 +92,7 @@ def optional(module: str, quick: bool) -> None:
 GROUPS = {
     "engine": engine,
     "memory": memory,
+    "latency": latency,
     "worker": lambda quick: optional("benchmarks.worker_throughput", quick),
     "http": lambda quick: optional("benchmarks.http_overhead", quick),
 }
