@@ -28,30 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.workloads import choose_package
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a red circle on a blue background"
 KEY = "bench-key-0123456789"
-
-
-def choose_package(given: str | None) -> tuple[Path, str]:
-    """(package, what it is): --package, else the default model's package, else the tiny SD1 one."""
-    if given:
-        return Path(given), f"given package {given}"
-    from kiln.default_model import DEFAULT_MODEL, ensure_package
-
-    if (DEFAULT_MODEL / "model_index.json").is_file():
-        return ensure_package(), f"default model {DEFAULT_MODEL.name}"
-    tiny = ROOT / "build" / "test-cache" / "packages" / "sd1" / "cpu"
-    if not (tiny / "manifest.json").is_file():
-        from export.package import build_package
-        from export.random_checkpoint import build_random_checkpoint
-
-        checkpoint = ROOT / "build" / "test-cache" / "checkpoints" / "sd1"
-        if not (checkpoint / "model_index.json").is_file():
-            build_random_checkpoint(ROOT / "tests" / "assets" / "tiny" / "sd1", checkpoint, seed=0)
-        tiny = build_package(checkpoint, ROOT / "build" / "test-cache" / "packages", target="cpu", name="sd1")
-    return tiny, f"FALLBACK: tiny random-weight SD1 test package ({DEFAULT_MODEL} is not there yet)"
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -320,10 +320,9 @@ def default_workload() -> tuple[Path, Path | None, str]:
         if (package / "manifest.json").is_file() and (target == "cpu" or _has_cuda_provider()):
             checkpoint = DEFAULT_MODEL if (DEFAULT_MODEL / "model_index.json").is_file() else None
             return package, checkpoint, f"{DEFAULT_MODEL.name}-{target}"
-    from benchmarks.run import TINY_CHECKPOINT, TINY_PACKAGE, ensure_tiny
+    from benchmarks.workloads import TINY_CHECKPOINT, tiny_package
 
-    ensure_tiny()
-    return TINY_PACKAGE, TINY_CHECKPOINT, "tiny-sd1"
+    return tiny_package(), TINY_CHECKPOINT, "tiny-sd1"
 
 
 def _has_cuda_provider() -> bool:

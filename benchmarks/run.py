@@ -19,31 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.workloads import SD15_CHECKPOINT, TINY_CHECKPOINT, sd15_package, tiny_package
+
 ROOT = Path(__file__).resolve().parents[1]
-SD15_CHECKPOINT = ROOT / "build" / "checkpoints" / "sd15-random"
-SD15_PACKAGE = ROOT / "build" / "sd15-random" / "cpu"
-TINY_CHECKPOINT = ROOT / "build" / "test-cache" / "checkpoints" / "sd1"
-TINY_PACKAGE = ROOT / "build" / "test-cache" / "packages" / "sd1" / "cpu"
-
 log = logging.getLogger("bench")
-
-
-def ensure_tiny() -> None:
-    from export.package import build_package
-    from export.random_checkpoint import build_random_checkpoint
-
-    if not (TINY_CHECKPOINT / "model_index.json").exists():
-        build_random_checkpoint(ROOT / "tests" / "assets" / "tiny" / "sd1", TINY_CHECKPOINT)
-    build_package(TINY_CHECKPOINT, TINY_PACKAGE.parents[1], name="sd1")
-
-
-def ensure_sd15() -> None:
-    from export.package import build_package
-    from export.random_checkpoint import build_random_checkpoint
-
-    if not (SD15_CHECKPOINT / "model_index.json").exists():
-        build_random_checkpoint(ROOT / "export" / "architectures" / "sd15", SD15_CHECKPOINT)
-    build_package(SD15_CHECKPOINT, SD15_PACKAGE.parents[1], name="sd15-random")
 
 
 def run_module(module: str, *args: str) -> None:
@@ -52,30 +31,28 @@ def run_module(module: str, *args: str) -> None:
 
 
 def engine(quick: bool) -> None:
-    ensure_tiny()
-    run_module("benchmarks.engine_vs_diffusers", "--checkpoint", str(TINY_CHECKPOINT), "--package", str(TINY_PACKAGE),
+    tiny = tiny_package()
+    run_module("benchmarks.engine_vs_diffusers", "--checkpoint", str(TINY_CHECKPOINT), "--package", str(tiny),
                "--label", "tiny-sd1", "--size", "256x256", "--steps", "4", "--variants")
     if not quick:
-        ensure_sd15()
-        run_module("benchmarks.engine_vs_diffusers", "--checkpoint", str(SD15_CHECKPOINT), "--package", str(SD15_PACKAGE),
+        sd15 = sd15_package()
+        run_module("benchmarks.engine_vs_diffusers", "--checkpoint", str(SD15_CHECKPOINT), "--package", str(sd15),
                    "--label", "sd15-architecture", "--size", "256x256", "--steps", "3", "--variants")
 
 
 def memory(quick: bool) -> None:
-    ensure_tiny()
-    run_module("benchmarks.memory_per_size", "--package", str(TINY_PACKAGE))
+    run_module("benchmarks.memory_per_size", "--package", str(tiny_package()))
     if not quick:
-        ensure_sd15()
-        run_module("benchmarks.memory_per_size", "--package", str(SD15_PACKAGE), "--modes", "shared weights+arena,shared weights only")
+        run_module("benchmarks.memory_per_size", "--package", str(sd15_package()), "--modes", "shared weights+arena,shared weights only")
 
 
 def latency(quick: bool) -> None:
     """Latency per size: the bundled model's package (else tiny SD1), then the SD 1.5 architecture."""
     run_module("benchmarks.latency_per_size", *(["--quick"] if quick else []))
     if not quick:
-        ensure_sd15()
+        sd15 = sd15_package()
         # On 2 CPU cores one SD 1.5 step at 512x512 takes seconds: 3 steps, 1 timed image a size.
-        run_module("benchmarks.latency_per_size", "--package", str(SD15_PACKAGE), "--checkpoint", str(SD15_CHECKPOINT),
+        run_module("benchmarks.latency_per_size", "--package", str(sd15), "--checkpoint", str(SD15_CHECKPOINT),
                    "--label", "sd15-architecture", "--sizes", "256x256,512x512", "--steps", "3", "--repeats", "1")
 
 
