@@ -72,27 +72,63 @@ def initial_noise(seed: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, n
     return rng.standard_normal(shape, dtype=np.float32), rng
 
 
+def runtime_class(target: str) -> type["Pipeline"]:
+    """The Pipeline class that runs packages of `target`: onnxruntime CPU sessions, the CUDA
+    execution provider with IOBinding (engine/cuda/), or TensorRT engines (engine/tensorrt/)."""
+    if target == "cuda":
+        from engine.cuda.pipeline import CudaPipeline
+
+        return CudaPipeline
+    if target == "tensorrt":
+        from engine.tensorrt.pipeline import TensorRTPipeline
+
+        return TensorRTPipeline
+    return Pipeline  # cpu; anything else is refused by check_provider with the reason
+
+
 class Pipeline:
+    """`Pipeline(package)` returns the runtime its manifest's target needs (see `runtime_class`),
+    so the worker, the CLI and the benchmarks run every target through one constructor."""
+
+    def __new__(cls, package: Path | str, *args, **kwargs):
+        if cls is Pipeline:
+            cls = runtime_class(read_manifest(Path(package)).target)
+        return super().__new__(cls)
+
     def __init__(self, package: Path | str, options: RuntimeOptions | None = None, max_steps: int = MAX_STEPS):
         self.package = Path(package)
         self.manifest: Manifest = read_manifest(self.package)
-        self.providers = check_provider(self.manifest.target)
+        self.providers = self._providers()
         self.options = options or RuntimeOptions()
         self.max_steps = max_steps
         m = self.manifest
         self.schedule = NoiseSchedule.from_scheduler_config(m.scheduler_config)
         self.tokenizers = [PromptTokenizer(self.package, spec) for spec in m.tokenizers]
-        self.text_encoders = [
-            ComponentSessions(self.package, name, m.components[name], self.providers, self.options)
-            for name in ("text_encoder", "text_encoder_2")
-            if name in m.components
-        ]
+        self.text_encoders = [self._component(name) for name in ("text_encoder", "text_encoder_2") if name in m.components]
         if len(self.text_encoders) != len(self.tokenizers):
             raise PackageError(f"{self.package}: {len(self.tokenizers)} tokenizers for {len(self.text_encoders)} text encoders")
-        self.unet = ComponentSessions(self.package, "unet", m.components["unet"], self.providers, self.options)
-        self.vae = ComponentSessions(self.package, "vae_decoder", m.components["vae_decoder"], self.providers, self.options)
+        self.unet = self._component("unet")
+        self.vae = self._component("vae_decoder")
         self.is_xl = m.family == "sdxl"
         self._plans: dict[tuple[str, int], SamplerPlan] = {}
+
+    # ---- what other runtimes replace (engine/cuda/, engine/tensorrt/) ----------------------
+
+    def _providers(self) -> list[str]:
+        """The onnxruntime providers for this package; refuses one this machine cannot run."""
+        return check_provider(self.manifest.target)
+
+    def _component(self, name: str) -> ComponentSessions:
+        """What runs one component: anything with `run(feeds, fixed_dims) -> outputs` and `output_names`."""
+        return ComponentSessions(self.package, name, self.manifest.components[name], self.providers, self.options)
+
+    def _conditioning(self, samples: list[Sample], picks: list[list[int]]) -> dict[str, np.ndarray]:
+        """The UNet's conditioning rows for one step: each sample's embeddings at its picks, stacked."""
+        rows: dict[str, list[np.ndarray]] = {k: [] for k in samples[0].embeddings}
+        for s, p in zip(samples, picks):
+            for k in rows:
+                rows[k].extend(s.embeddings[k][i] for i in p)
+        return {k: np.stack(v) for k, v in rows.items()}  # (R, ...) each
 
     # ---- requests -> samples -------------------------------------------------------------
 
@@ -191,22 +227,21 @@ class Pipeline:
         shape = samples[0].shape
         if any(s.shape != shape for s in samples):
             raise ValueError("denoise_step takes samples of one latent shape; group them first")
-        rows_x, rows_t, rows = [], [], {k: [] for k in samples[0].embeddings}
+        rows_x, rows_t, picks = [], [], []
         slices = []
         for s in samples:
             x_in = s.sampler.scale_model_input(s.x, s.plan, s.step)
             t = np.float32(s.plan.timesteps[s.step])
-            picks = [0, 1] if s.guided else [1]  # unguided samples skip the negative row
-            slices.append((len(rows_x), len(picks)))
-            for p in picks:
+            pick = [0, 1] if s.guided else [1]  # unguided samples skip the negative row
+            picks.append(pick)
+            slices.append((len(rows_x), len(pick)))
+            for _ in pick:
                 rows_x.append(x_in)
                 rows_t.append(t)
-                for k in rows:
-                    rows[k].append(s.embeddings[k][p])
         feeds = {
             "sample": np.stack(rows_x).astype(np.float32),  # (R, C, h, w)
             "timestep": np.asarray(rows_t, dtype=np.float32),  # (R,)
-            **{k: np.stack(v) for k, v in rows.items()},
+            **self._conditioning(samples, picks),
         }
         (out,) = self.unet.run(feeds, {"height": shape[1], "width": shape[2]})  # (R, C, h, w)
         for s, (start, count) in zip(samples, slices):

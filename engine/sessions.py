@@ -30,6 +30,19 @@ PROVIDERS = {
 
 
 @dataclass(frozen=True)
+class GpuOptions:
+    """How `cuda` packages run on onnxruntime's CUDA execution provider (engine/cuda/)."""
+
+    device_id: int = 0
+    io_binding: bool = True  # False: plain session.run with host arrays (to measure what binding buys)
+    # CUDA graphs captured per component, one per (batch rows, latent size) in order of first use;
+    # later shapes run without a graph. 0 turns them off. Each graph keeps its activations.
+    cuda_graphs: int = 8
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # "HEURISTIC" starts faster, may run slower
+    gpu_mem_limit_gib: float = 0.0  # 0: no limit for onnxruntime's CUDA arena
+
+
+@dataclass(frozen=True)
 class RuntimeOptions:
     threads: int = 0  # 0: onnxruntime's default (one per physical core)
     # "basic" | "extended" | "all". "all" adds onnxruntime's NCHWc layout transform, which writes
@@ -44,6 +57,7 @@ class RuntimeOptions:
     # repacked copies come on top of the originals, per session. Off: on the SD 1.5 UNet at
     # 256x256 it saved 0.8 GB of peak RSS and cost no measurable time (4.56 vs 4.57 s a step).
     prepack: bool = False
+    gpu: GpuOptions = GpuOptions()  # used by `cuda` packages only
 
 
 _arena_lock = threading.Lock()

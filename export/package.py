@@ -123,7 +123,7 @@ def _write_weights_index(model, path: Path) -> None:
     path.write_text(json.dumps(index))
 
 
-def _reusable(out: Path, info: CheckpointInfo, target: str) -> bool:
+def _reusable(out: Path, info: CheckpointInfo, target: str, recorded: dict) -> bool:
     try:
         manifest = read_manifest(out)
     except PackageError:
@@ -132,6 +132,7 @@ def _reusable(out: Path, info: CheckpointInfo, target: str) -> bool:
         manifest.source_digest == info.digest
         and manifest.target == target
         and manifest.tools.get("kiln-export") == EXPORT_REVISION
+        and manifest.extra.get("export_options", {}) == recorded
     )
 
 
@@ -149,20 +150,27 @@ def build_package(
     name: str | None = None,
     force: bool = False,
     opset: int = DEFAULT_OPSET,
+    sizes: tuple[str, ...] = (),
+    batches: tuple[int, ...] = (),
 ) -> Path:
-    """Export `checkpoint` for `target`; returns the package folder."""
+    """Export `checkpoint` for `target`; returns the package folder.
+
+    `sizes` ("WxH") and `batches` (images per batch) are TARGET=tensorrt's: its engines are built
+    per size for that batch range.
+    """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
-    from export.targets import check_target_tools
+    from export.targets import TargetOptions, check_target_tools
 
-    check_target_tools(target)
+    target_options = TargetOptions(tuple(sizes), tuple(int(b) for b in batches))
+    check_target_tools(target, target_options)
     stages = Stages(8)
     stages.start(f"inspect {checkpoint}")
     info = inspect_checkpoint(Path(checkpoint))
     name = name or Path(checkpoint).resolve().name
     out = Path(out_root) / name / target
     stages.done(f"({info.family}, {info.prediction_type}, digest {info.digest[:12]})")
-    if not force and _reusable(out, info, target):
+    if not force and _reusable(out, info, target, target_options.recorded()):
         log.info("%s is up to date with %s (same file hashes); use --force to rebuild", out, checkpoint)
         return out
 
@@ -192,8 +200,9 @@ def build_package(
         stages.start(f"optimise for {target}")
         from export.targets import optimise_for_target
 
-        components, precision = optimise_for_target(target, tmp, components, info)
-        stages.done(f"({precision})")
+        result = optimise_for_target(target, tmp, components, info, target_options)
+        components = result.components
+        stages.done(f"({result.precision})")
 
         stages.start("tokenizers")
         from export.tokenizer_files import write_tokenizer
@@ -213,7 +222,7 @@ def build_package(
             family=info.family,
             prediction_type=info.prediction_type,
             target=target,
-            precision=precision,
+            precision=result.precision,
             opset=opset,
             components=components,
             tokenizers=tokenizers,
@@ -227,7 +236,11 @@ def build_package(
             source_files=info.file_hashes,
             tools={**tool_versions(), "kiln-export": EXPORT_REVISION},
             force_zeros_for_empty_prompt=bool(getattr(pipeline.config, "force_zeros_for_empty_prompt", False)),
+            extra={**result.extra, **({"export_options": target_options.recorded()} if target_options.recorded() else {})},
         )
+        from export.targets import finish_for_target
+
+        manifest = finish_for_target(target, tmp, manifest, target_options)
         write_manifest(tmp, manifest)
         stages.done()
 
