@@ -98,8 +98,8 @@ class Pipeline:
     def __init__(self, package: Path | str, options: RuntimeOptions | None = None, max_steps: int = MAX_STEPS):
         self.package = Path(package)
         self.manifest: Manifest = read_manifest(self.package)
-        self.providers = self._providers()
         self.options = options or RuntimeOptions()
+        self.providers = self._providers()
         self.max_steps = max_steps
         m = self.manifest
         self.schedule = NoiseSchedule.from_scheduler_config(m.scheduler_config)
