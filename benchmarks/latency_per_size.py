@@ -74,11 +74,14 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def time_engine(pipe, width: int, height: int, steps: int, repeats: int, sampler: str = "euler", sync=None) -> Timing:
+def time_engine(
+    pipe, width: int, height: int, steps: int, repeats: int, sampler: str = "euler", sync=None, after_warmup=None
+) -> Timing:
     """Time one image at a time through prepare -> denoise_step x steps -> decode -> PNG.
 
     `sync` (optional) is called before each clock read, for runtimes that return before the
     device is done; the ONNX Runtime paths copy results to the host, which already waits.
+    `after_warmup` (optional) is called between the warm-up image and the timed ones.
     """
     from engine.pipeline import ImageRequest
     from engine.worker.images import encode_png
@@ -109,6 +112,8 @@ def time_engine(pipe, width: int, height: int, steps: int, repeats: int, sampler
         return t1 - t0, step_times, t3 - t2, t4 - t3, t4 - t0
 
     one(0)  # warm-up: sessions, arenas, CUDA graph capture
+    if after_warmup:
+        after_warmup()
     runs = [one(seed) for seed in range(1, repeats + 1)]
     all_steps = [t for run in runs for t in run[1]]
     return Timing(

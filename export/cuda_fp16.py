@@ -15,6 +15,9 @@ Per component, as onnxruntime's own `optimize_pipeline.py` does for Stable Diffu
      activations exceed 65504 and the image goes black; onnxruntime's script does the same).
      Anything else that overflows is caught at decode (NonFiniteOutputError), never returned.
 
+`derive_cuda_package` makes the same package from an exported cpu package's graphs without
+exporting from PyTorch again (`python -m export.cuda_fp16 build/<name>/cpu`).
+
 numpy >= 2.4 refuses int() of a one-element array, which onnxruntime's UNet attention fusion
 does when it reads the head count of a PyTorch-2 export; `_numpy2_head_detection` swaps in a
 version of that one method that reads the element instead (same result on older numpy).
@@ -22,8 +25,10 @@ version of that one method that reads the element instead (same result on older 
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -171,3 +176,58 @@ def optimise_package(folder: Path, components: dict, family: str, gpu: bool = Tr
         details["component_precision"][name] = "fp16" if fp16 else "fp32"
         out[name] = split_weights(folder / component.file)
     return out, details
+
+
+def derive_cuda_package(cpu_package: Path, out: Path | None = None, force: bool = False) -> Path:
+    """A cuda package from a cpu package: the graphs `kiln export --target cuda` would make (the
+    same `optimise_package` step over the same optimum export), minus the PyTorch export."""
+    import msgspec
+    import onnxruntime as ort
+
+    from engine.errors import PackageError
+    from engine.manifest import read_manifest, write_manifest
+
+    cpu_package = Path(cpu_package)
+    manifest = read_manifest(cpu_package)
+    if manifest.target != "cpu":
+        raise PackageError(f"{cpu_package} is a {manifest.target} package; derive a cuda package from a cpu one")
+    out = Path(out) if out else cpu_package.parent / "cuda"
+    if not force and (out / "manifest.json").is_file():
+        existing = read_manifest(out)
+        if (existing.target, existing.source_digest, existing.tools.get("kiln-export")) == (
+            "cuda", manifest.source_digest, manifest.tools.get("kiln-export")
+        ):
+            log.info("%s is up to date with %s; use --force to rebuild", out, cpu_package)
+            return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cpu_package, tmp)
+    try:
+        components, details = optimise_package(tmp, manifest.components, manifest.family)
+        details.update(optimizer=f"onnxruntime.transformers {ort.__version__}", io_dtype="float32")
+        derived = msgspec.structs.replace(
+            manifest, target="cuda", precision="fp16", components=components,
+            extra={**manifest.extra, "cuda": details}, tools={**manifest.tools, "onnxruntime": ort.__version__},
+        )
+        write_manifest(tmp, derived)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Make a cuda (fp16, fused) package from an exported cpu package.")
+    parser.add_argument("cpu_package", type=Path)
+    parser.add_argument("out", type=Path, nargs="?", help="default: the cpu package's sibling folder cuda/")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(derive_cuda_package(args.cpu_package, args.out, args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -119,3 +119,13 @@ def test_tensorrt_sizes_are_refused_for_other_targets():
 
     with pytest.raises(PackageError, match="SIZES and BATCH are TARGET=tensorrt options"):
         check_target_tools("cuda", TargetOptions(sizes=("512x512",)))
+
+
+def test_a_cuda_package_derived_from_a_cpu_package_equals_the_exported_one(tiny_package, cuda_package, tmp_path):
+    from export.cuda_fp16 import derive_cuda_package
+
+    derived = read_manifest(derive_cuda_package(tiny_package("sd1"), tmp_path / "cuda"))
+    exported = read_manifest(cuda_package("sd1"))
+    assert (derived.target, derived.precision) == ("cuda", "fp16")
+    assert {n: c.sha256 for n, c in derived.components.items()} == {n: c.sha256 for n, c in exported.components.items()}
+    assert derived.extra["cuda"]["fused_operators"] == exported.extra["cuda"]["fused_operators"]

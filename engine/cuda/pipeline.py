@@ -103,6 +103,10 @@ class CudaPipeline(BoundPipeline):
 
     device = "cuda"
 
+    def __init__(self, *args, **kwargs):
+        self.graph_refusals: dict[str, str] = {}  # component -> why onnxruntime refused CUDA graphs
+        super().__init__(*args, **kwargs)
+
     def _providers(self) -> list[str]:
         providers = check_provider(self.manifest.target)  # refuses without CUDAExecutionProvider
         if hasattr(ort, "preload_dlls"):
@@ -113,7 +117,16 @@ class CudaPipeline(BoundPipeline):
     def _component(self, name: str):
         gpu = self.options.gpu
         graphs = gpu.cuda_graphs if (name in GRAPHED and gpu.io_binding) else 0
-        session = self._cuda_session(name, graphs > 0)
+        try:
+            session = self._cuda_session(name, graphs > 0)
+        except PackageError as e:
+            if not graphs or "graph" not in str(e).lower():
+                raise
+            # onnxruntime refuses CUDA graphs when any node runs elsewhere (a Memcpy to the CPU):
+            # run this component without them rather than not at all.
+            log.warning("%s: onnxruntime cannot use CUDA graphs here, running without them: %s", name, e)
+            self.graph_refusals[name] = str(e)
+            graphs, session = 0, self._cuda_session(name, False)
         if not gpu.io_binding:
             return _PlainSession(name, session)
         return BoundComponent(
