@@ -1,6 +1,6 @@
 """The GPU check: one run on a GPU machine for everything the CUDA target must show.
 
-    python3 -m benchmarks.gpu_check --out DIR          # on the GPU machine (see gpu_check.sh)
+    python3 -m benchmarks.gpu_check --out DIR          # on the GPU machine (gpu_check.sh runs it)
     python -m benchmarks.gpu_check --dry-run-cpu       # here: the same steps on the tiny model
 
 Steps, each logged with its time (full log, JSON, parity image and chart under --out; a short
@@ -123,16 +123,41 @@ def cuda_pipeline(package: Path, dry_run: bool, **gpu_options):
 # ---- 3. parity ------------------------------------------------------------------------------
 
 
-def parity(args, checkpoint: Path, cpu: Path, cuda: Path, report: dict) -> bool:
-    from engine.pipeline import ImageRequest, Pipeline, initial_noise
-    from engine.sessions import RuntimeOptions
-    from engine.shapes import latent_shape, parse_size
+def parity_request(args):
+    from engine.pipeline import ImageRequest
+    from engine.shapes import parse_size
 
     width, height = parse_size(args.parity_size)
-    req = ImageRequest(prompt=PROMPT, width=width, height=height, seed=7, steps=args.parity_steps, sampler="euler")
+    return ImageRequest(prompt=PROMPT, width=width, height=height, seed=7, steps=args.parity_steps, sampler="euler")
+
+
+def cpu_reference(args, cpu: Path) -> tuple[np.ndarray, float]:
+    """The cpu fp32 package's image for the parity request, and the seconds it took; kept in
+    --work with the package's digest, so the background export can make it before the GPU part."""
+    from engine.manifest import read_manifest
+    from engine.pipeline import Pipeline
+    from engine.sessions import RuntimeOptions
+
+    req = parity_request(args)
+    digest = read_manifest(cpu).source_digest[:12]
+    path = args.work / f"reference_{digest}_{req.width}x{req.height}_{req.steps}steps_seed{req.seed}.npz"
+    if path.is_file():
+        saved = np.load(path)
+        return saved["image"], float(saved["seconds"])
     t0 = time.perf_counter()
-    reference = Pipeline(cpu, RuntimeOptions()).generate([req])[0]
-    cpu_s = time.perf_counter() - t0
+    image = Pipeline(cpu, RuntimeOptions()).generate([req])[0]
+    seconds = time.perf_counter() - t0
+    np.savez(path, image=image, seconds=seconds)
+    return image, seconds
+
+
+def parity(args, checkpoint: Path, cpu: Path, cuda: Path, report: dict) -> bool:
+    from engine.pipeline import initial_noise
+    from engine.shapes import latent_shape
+
+    req = parity_request(args)
+    width, height = req.width, req.height
+    reference, cpu_s = cpu_reference(args, cpu)
     pipe = cuda_pipeline(cuda, args.dry_run_cpu)
     try:
         image = pipe.generate([req])[0]
@@ -417,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-diffusers", dest="diffusers", action="store_false")
     parser.add_argument("--budget-s", type=float, default=480, help="skip optional steps past this many seconds")
     parser.add_argument("--dry-run-cpu", action="store_true", help="every step on the tiny model on this CPU")
+    parser.add_argument("--export-only", action="store_true",
+                        help="make the checkpoint and packages and stop (gpu_check.sh starts this early, in the background)")
     args = parser.parse_args(argv)
     if args.dry_run_cpu:
         if args.sizes == ",".join(SEED_SIZES):
@@ -443,6 +470,17 @@ def _run(args) -> int:
     budget = Budget(args.budget_s)
     report: dict = {"dry_run": args.dry_run_cpu, "steps": args.steps, "repeats": args.repeats, "errors": {}}
     status = 0
+
+    if args.export_only:  # no GPU needed: the packages are made on the CPU
+        try:
+            _checkpoint, cpu, _cuda = build_packages(args, report)
+            log.info("packages made in %.0fs: %s", budget.elapsed, report["export_s"])
+            cpu_reference(args, cpu)
+            log.info("cpu fp32 reference image made; %.0fs in all", budget.elapsed)
+        except Exception:
+            log.exception("making the packages failed")
+            return 1
+        return 0
 
     import onnxruntime as ort
 

@@ -128,12 +128,12 @@ class BoundComponent:
             else:
                 results = [self._to_host(bound.outputs[n]) for n in self.output_names]
             t3 = time.perf_counter()
-        s = self.stats
-        s.runs += 1
-        s.copy_in_s += t1 - t0
-        s.run_s += t2 - t1
-        s.copy_out_s += t3 - t2
-        s.bytes_down += sum(r.nbytes for r in results)
+            s = self.stats
+            s.runs += 1
+            s.copy_in_s += t1 - t0
+            s.run_s += t2 - t1
+            s.copy_out_s += t3 - t2
+            s.bytes_down += sum(r.nbytes for r in results)
         return results
 
     # ---- binding --------------------------------------------------------------------------
