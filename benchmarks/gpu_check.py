@@ -264,10 +264,12 @@ def latency(args, checkpoint: Path, cuda: Path, budget: Budget, report: dict) ->
             entry[name] = asdict(timing)
             if stats is not None and stats.runs:
                 copy_s = (stats.copy_in_s + stats.copy_out_s) / stats.runs
+                run_s = stats.run_s / stats.runs
                 entry[name].update(
-                    unet_run_ms=1000 * stats.run_s / stats.runs, copy_us=1e6 * copy_s,
-                    copy_share_of_step=copy_s / timing.step_s, uploads_skipped=stats.uploads_skipped,
-                    graph_runs=stats.graph_runs, runs=stats.runs,
+                    unet_run_ms=1000 * run_s, copy_us=1e6 * copy_s, copy_share_of_step=copy_s / timing.step_s,
+                    # the rest of a step: batching the rows, guidance and the sampler, on the host
+                    host_us=1e6 * max(timing.step_s - run_s - copy_s, 0.0),
+                    uploads_skipped=stats.uploads_skipped, graph_runs=stats.graph_runs, runs=stats.runs,
                 )
             if refusals:
                 entry[name]["cuda_graph_refusals"] = refusals
