@@ -7,6 +7,8 @@ PORT ?= 8000
 TARGET ?= cpu
 MODEL ?= models/kiln-shapes
 NAME ?=
+SIZES ?=
+BATCH ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install test serve export info default-model eval-default-model bench clean
@@ -14,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 help:
 	@echo "make serve [PORT=8000]          start a worker and the API on the bundled model"
 	@echo "make test                       run the test suite"
-	@echo "make export MODEL=<dir> [TARGET=cpu] [NAME=...]   build a model package"
+	@echo "make export MODEL=<dir> [TARGET=cpu|cuda|tensorrt] [NAME=...] [SIZES=512x512,...] [BATCH=1,2,4]"
 	@echo "make bench                      benchmarks, results under benchmarks/results/"
 	@echo "make default-model              retrain the bundled model (about 75 minutes on 2 cores)"
 	@echo "make eval-default-model         score the bundled model's prompt following"
@@ -32,7 +34,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 export: $(STAMP)
-	$(BIN)/kiln export $(MODEL) --target $(TARGET) $(if $(NAME),--name $(NAME))
+	$(BIN)/kiln export $(MODEL) --target $(TARGET) $(if $(NAME),--name $(NAME)) $(if $(SIZES),--sizes $(SIZES)) $(if $(BATCH),--batch $(BATCH))
 
 info: $(STAMP)
 	$(BIN)/kiln info build/$(notdir $(MODEL))/$(TARGET)

@@ -15,7 +15,15 @@ log = logging.getLogger("kiln")
 def _export(args) -> int:
     from export.package import build_package
 
-    out = build_package(Path(args.model), Path(args.out), target=args.target, name=args.name, force=args.force)
+    out = build_package(
+        Path(args.model),
+        Path(args.out),
+        target=args.target,
+        name=args.name,
+        force=args.force,
+        sizes=tuple(filter(None, args.sizes.split(","))),
+        batches=tuple(int(b) for b in args.batch.split(",") if b),
+    )
     print(out)
     return 0
 
@@ -85,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="package name (default: the folder's name)")
     p.add_argument("--out", default="build", help="where packages go (default: build/)")
     p.add_argument("--force", action="store_true", help="rebuild even if the checkpoint is unchanged")
+    p.add_argument("--sizes", default="", help="tensorrt: WxH[,WxH...] to build engines for")
+    p.add_argument("--batch", default="", help="tensorrt: batch sizes of the profiles, e.g. 1,2,4")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("generate", help="generate one image to a PNG file")
