@@ -46,7 +46,7 @@ default-model: $(STAMP)
 	$(BIN)/python -m export.default_model.train --out $(MODEL)
 
 eval-default-model: $(STAMP)
-	$(BIN)/python -m export.default_model.evaluate --model $(MODEL)
+	$(BIN)/python -m export.default_model.evaluate $(MODEL) --n 100 --backend engine --json benchmarks/results/default_model_eval.json --grid docs/eval-contact-sheet.png
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

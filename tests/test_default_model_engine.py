@@ -1,0 +1,50 @@
+"""The bundled model keeps its meaning through the whole path: export -> engine -> image.
+
+Shapes and colours are read back with the evaluator that scores the model
+(export/default_model/evaluate_images.py); a handful of prompts at 256x256 keeps this within CI's time.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from export.default_model.evaluate_images import read_image
+from kiln.default_model import DEFAULT_MODEL
+
+pytest.importorskip("torch")
+
+PROMPTS = [
+    # prompt, background, shape colour
+    ("a red circle on a blue background", "blue", "red"),
+    ("a yellow square on a black background", "black", "yellow"),
+    ("a big white star, green background", "green", "white"),
+    ("a big purple triangle, orange background", "orange", "purple"),
+]
+
+
+@pytest.fixture(scope="module")
+def default_pipeline(tmp_path_factory):
+    from engine.pipeline import Pipeline
+    from export.package import build_package
+
+    if not (DEFAULT_MODEL / "model_index.json").is_file():
+        pytest.fail(f"the bundled model is missing from {DEFAULT_MODEL}")
+    package = build_package(DEFAULT_MODEL, tmp_path_factory.mktemp("pkg"), target="cpu")
+    return Pipeline(package)
+
+
+def test_default_model_package_uses_v_prediction_and_trailing_ddim(default_pipeline):
+    m = default_pipeline.manifest
+    assert m.prediction_type == "v_prediction"
+    assert m.scheduler_config.get("rescale_betas_zero_snr") is True
+    assert (m.defaults.sampler, m.defaults.steps) == ("ddim", 20)
+
+
+@pytest.mark.parametrize("prompt,background,colour", PROMPTS)
+def test_default_model_draws_the_colours_it_is_asked_for(default_pipeline, prompt, background, colour):
+    from engine.pipeline import ImageRequest
+
+    image = default_pipeline.generate([ImageRequest(prompt=prompt, width=256, height=256, seed=11)])[0]
+    reading = read_image(image)
+    assert reading.background == background, f"{prompt!r}: read {reading}"
+    assert reading.colour == colour, f"{prompt!r}: read {reading}"
