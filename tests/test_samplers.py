@@ -5,6 +5,9 @@ diffusers (torch) is the reference here only; the engine itself never imports to
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import subprocess
 import sys
 
@@ -30,18 +33,7 @@ from engine.schedules import NoiseSchedule
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 # Stable Diffusion 1.5's scheduler/config.json (a PNDM config: no timestep_spacing key).
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-}
+SD15 = json.loads((Path(__file__).resolve().parents[1] / "export/architectures/sd15/scheduler/config.json").read_text())
 CONFIGS = {
     "sd15": SD15,
     # SD 2.1-768's config: SD 1.5's with v-prediction.

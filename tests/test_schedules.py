@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from engine.schedules import NoiseSchedule, spaced_timesteps
 
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-}
+SD15 = json.loads((Path(__file__).resolve().parents[1] / "export/architectures/sd15/scheduler/config.json").read_text())
 
 
 @pytest.mark.parametrize(
