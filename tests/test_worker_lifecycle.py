@@ -44,9 +44,10 @@ def test_a_failed_warm_up_is_a_start_up_error_naming_the_setting(tiny_package):
 def test_live_at_once_ready_only_after_warm_up(tiny_package, tmp_path):
     port = free_port()
     ready_file = tmp_path / "ready"
-    # Three warm-up sizes take a second or two: long enough to watch.
+    # Four warm-up sizes up to 512x512 take several seconds: long enough to watch, even when a
+    # loaded machine is slow to connect the channel.
     proc = spawn(tiny_package("sd1"), "--listen", f"127.0.0.1:{port}", "--max-batch", "2",
-                 "--warmup-size", "128x128,192x192,256x256", ready_file=ready_file)  # fmt: skip
+                 "--warmup-size", "256x256,384x384,448x448,512x512", ready_file=ready_file)  # fmt: skip
     v2 = V2(f"127.0.0.1:{port}")
     seen = []
     try:
