@@ -43,6 +43,9 @@ class SizeLimits(msgspec.Struct, frozen=True):
     multiple_of: int
     default: str  # "WxH"
     native: str  # what the checkpoint was trained at
+    # Larger requests are drawn at this many pixels on the longer side and upscaled: for models
+    # whose attention at full size would not fit in memory or that never saw such latents.
+    render_max_side: int | None = None
 
 
 class Defaults(msgspec.Struct, frozen=True):

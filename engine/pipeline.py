@@ -30,7 +30,7 @@ from engine.samplers import get_sampler
 from engine.samplers.base import Sampler, SamplerPlan
 from engine.schedules import NoiseSchedule
 from engine.sessions import ComponentSessions, RuntimeOptions, check_provider
-from engine.shapes import check_size, latent_shape
+from engine.shapes import check_size, latent_shape, render_size
 from engine.tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,8 @@ class Pipeline:
         m = self.manifest
         samples = []
         for k, (req, emb) in enumerate(zip(resolved, embeddings)):
-            shape = latent_shape(req.width, req.height, m.latent_channels, m.vae_scale_factor)
+            draw_w, draw_h = render_size(req.width, req.height, m.sizes)
+            shape = latent_shape(draw_w, draw_h, m.latent_channels, m.vae_scale_factor)
             if self.is_xl:
                 # (original size, crop top-left, target size), all = the requested size
                 ids = np.array([req.height, req.width, 0, 0, req.height, req.width], dtype=np.float32)
@@ -272,7 +273,12 @@ class Pipeline:
                 )
                 continue
             pixels = np.clip(image / 2 + 0.5, 0.0, 1.0)
-            results.append((pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8))
+            rgb = (pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+            if rgb.shape[:2] != (s.request.height, s.request.width):  # drawn smaller: see render_size
+                from PIL import Image
+
+                rgb = np.asarray(Image.fromarray(rgb).resize((s.request.width, s.request.height), Image.LANCZOS))
+            results.append(rgb)
         return results
 
     # ---- all of it ---------------------------------------------------------------------

@@ -35,3 +35,16 @@ def check_size(width: int, height: int, limits: SizeLimits, param: str = "size")
 def latent_shape(width: int, height: int, channels: int, scale: int) -> tuple[int, int, int]:
     """Pixels -> one sample's latent shape (C, H/scale, W/scale)."""
     return channels, height // scale, width // scale
+
+
+def render_size(width: int, height: int, limits: SizeLimits) -> tuple[int, int]:
+    """The size the model actually draws for a (width, height) request.
+
+    Requests within `render_max_side` are drawn as asked; larger ones at that longer side with the
+    aspect ratio kept (multiples of 8), and the image is upscaled to the requested size.
+    """
+    cap = limits.render_max_side
+    if not cap or max(width, height) <= cap:
+        return width, height
+    scale = cap / max(width, height)
+    return (max(limits.min_side, round(width * scale / 8) * 8), max(limits.min_side, round(height * scale / 8) * 8))

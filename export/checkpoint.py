@@ -92,6 +92,8 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
     scheduler = _read_json(scheduler_file)
     hashes[str(scheduler_file.relative_to(path))] = sha256_file(scheduler_file)
     hashes["model_index.json"] = sha256_file(path / "model_index.json")
+    if (path / "kiln.json").is_file():  # serving hints (export/package.py) change the package too
+        hashes["kiln.json"] = sha256_file(path / "kiln.json")
 
     prediction_type = scheduler.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):

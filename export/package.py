@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 TARGETS = ("cpu", "cuda", "tensorrt")
 # Bump when a change to the export code changes what a package holds, so that packages made
 # before it are rebuilt instead of reused.
-EXPORT_REVISION = "2"
+EXPORT_REVISION = "3"
 DEFAULT_OPSET = 17
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64"}
 # Native resolution per family: what sizes and defaults derive from.
@@ -136,6 +136,17 @@ def _reusable(out: Path, info: CheckpointInfo, target: str, recorded: dict) -> b
     )
 
 
+def _kiln_hints(checkpoint: Path) -> dict:
+    """Optional `kiln.json` beside model_index.json: serving hints a checkpoint's author knows."""
+    path = checkpoint / "kiln.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
 def default_sampling(info: CheckpointInfo, scheduler: dict) -> Defaults:
     # Zero-terminal-SNR v-prediction models want trailing DDIM and guidance rescale (Lin et al. 2023).
     if scheduler.get("rescale_betas_zero_snr"):
@@ -230,7 +241,10 @@ def build_package(
             vae_scaling_factor=float(vae_config.scaling_factor),
             latent_channels=int(vae_config.latent_channels),
             vae_scale_factor=2 ** (len(vae_config.block_out_channels) - 1),
-            sizes=SizeLimits(min_side=64, max_side=2048, multiple_of=8, default=f"{native}x{native}", native=f"{native}x{native}"),
+            sizes=SizeLimits(
+                min_side=64, max_side=2048, multiple_of=8, default=f"{native}x{native}", native=f"{native}x{native}",
+                render_max_side=_kiln_hints(info.path).get("render_max_side"),
+            ),
             defaults=default_sampling(info, scheduler),
             source_digest=info.digest,
             source_files=info.file_hashes,

@@ -52,7 +52,7 @@ from engine.errors import (
 )
 from engine.pipeline import Pipeline, Sample
 from engine.request import ImageRequest
-from engine.shapes import latent_shape
+from engine.shapes import latent_shape, render_size
 from engine.worker.images import encode_png, latent_preview_jpeg
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class Scheduler:
 
     def key_for(self, model: str, width: int, height: int) -> GroupKey:
         m = self.pipelines[model].manifest
-        return model, latent_shape(width, height, m.latent_channels, m.vae_scale_factor)
+        return model, latent_shape(*render_size(width, height, m.sizes), m.latent_channels, m.vae_scale_factor)
 
     def submit(self, job: Job) -> None:
         """Queue a job, or refuse it at once (QueueFullError, WorkerUnavailableError)."""
