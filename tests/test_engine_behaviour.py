@@ -131,3 +131,18 @@ def test_sessions_per_resolution_share_one_copy_of_the_weights(sd1):
     assert len(sd1.unet.loaded_shapes) >= 2
     # every session got the same OrtValues: one mapping of weights.bin per component
     assert sd1.unet.weights.values
+
+
+def test_sizes_over_render_max_side_are_drawn_smaller_and_upscaled(tiny_package, tmp_path):
+    from engine.shapes import render_size
+
+    copy = shutil.copytree(tiny_package("sd1"), tmp_path / "pkg")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["sizes"]["render_max_side"] = 128
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    pipe = Pipeline(copy)
+    assert render_size(448, 256, pipe.manifest.sizes) == (128, 72)
+    [sample] = pipe.prepare([ImageRequest(**{**BASE, "width": 448, "height": 256})])
+    assert sample.shape == (4, 9, 16)  # drawn at 128x72
+    image = pipe.generate([ImageRequest(**{**BASE, "width": 448, "height": 256})])[0]
+    assert image.shape == (256, 448, 3)

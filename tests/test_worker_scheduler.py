@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
+from engine.manifest import SizeLimits
+
 import numpy as np
 import pytest
 
@@ -35,7 +37,7 @@ class FakeSample:
 
 
 class RecordingPipeline:
-    manifest = SimpleNamespace(latent_channels=4, vae_scale_factor=8)
+    manifest = SimpleNamespace(latent_channels=4, vae_scale_factor=8, sizes=SizeLimits(64, 2048, 8, "512x512", "512x512"))
 
     def __init__(self):
         self.calls: list[tuple[int, list[int]]] = []  # (latent width, [job ids]) per UNet call
