@@ -1,4 +1,4 @@
-"""A contact sheet of sample prompts x image sizes, to see how the model looks at each size.
+"""A contact sheet of sample prompts x image sizes, drawn by Kiln's engine (what users get).
 
     python -m export.default_model.contact_sheet models/kiln-shapes build/samples.png \
         --sizes 256x256 512x512 1024x1024 1792x1024 1024x1792
@@ -11,7 +11,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from .evaluate import GUIDANCE, GUIDANCE_RESCALE, STEPS
@@ -36,12 +35,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    import torch
-    from diffusers import StableDiffusionPipeline
+    from engine.pipeline import ImageRequest, Pipeline
+    from engine.sessions import RuntimeOptions
+    from kiln.default_model import ensure_package
 
-    torch.set_num_threads(a.threads)
-    pipe = StableDiffusionPipeline.from_pretrained(str(a.model_dir), safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = Pipeline(ensure_package(a.model_dir), RuntimeOptions(threads=a.threads))
     sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes]
     label_h = 14
     sheet = Image.new("RGB", (CELL * len(sizes), (CELL + label_h) * len(PROMPTS)), (128, 128, 128))
@@ -49,8 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     for r, prompt in enumerate(PROMPTS):
         for c, (w, h) in enumerate(sizes):
             start = time.monotonic()
-            img = pipe(prompt, width=w, height=h, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                       guidance_rescale=GUIDANCE_RESCALE, generator=torch.Generator().manual_seed(a.seed)).images[0]
+            req = ImageRequest(prompt=prompt, width=w, height=h, seed=a.seed, steps=STEPS, guidance_scale=GUIDANCE,
+                               guidance_rescale=GUIDANCE_RESCALE, sampler="ddim")
+            img = Image.fromarray(pipe.generate([req])[0])
             log.info("%dx%d %r: %.1f s", w, h, prompt, time.monotonic() - start)
             img.thumbnail((CELL, CELL))
             y = r * (CELL + label_h) + label_h
