@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import msgspec
 import numpy as np
+from PIL import Image
 
 from engine.errors import InvalidRequestError, KilnError, NonFiniteOutputError, PackageError
 from engine.guidance import apply_guidance
@@ -135,8 +137,6 @@ class Pipeline:
     def resolve(self, req: ImageRequest) -> ImageRequest:
         """Fill the package's defaults and validate; raises InvalidRequestError naming the param."""
         d = self.manifest.defaults
-        import msgspec
-
         req = msgspec.structs.replace(
             req,
             steps=req.steps if req.steps is not None else d.steps,
@@ -275,8 +275,6 @@ class Pipeline:
             pixels = np.clip(image / 2 + 0.5, 0.0, 1.0)
             rgb = (pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)
             if rgb.shape[:2] != (s.request.height, s.request.width):  # drawn smaller: see render_size
-                from PIL import Image
-
                 rgb = np.asarray(Image.fromarray(rgb).resize((s.request.width, s.request.height), Image.LANCZOS))
             results.append(rgb)
         return results
