@@ -18,7 +18,7 @@ help:
 	@echo "make test                       run the test suite"
 	@echo "make export MODEL=<dir> [TARGET=cpu|cuda|tensorrt] [NAME=...] [SIZES=512x512,...] [BATCH=1,2,4]"
 	@echo "make bench                      benchmarks, results under benchmarks/results/"
-	@echo "make default-model              retrain the bundled model (about 115 minutes on 2 cores; resumes)"
+	@echo "make default-model              retrain the bundled model (about 118 minutes on 2 cores; resumes)"
 	@echo "make eval-default-model         score the bundled model's prompt following"
 
 # Development install: serving + export (torch CPU, pinned) + test tools.
@@ -44,7 +44,7 @@ serve: $(STAMP)
 
 default-model: $(STAMP)
 	$(BIN)/python -m export.default_model.train --run-dir runs/default-model --out $(MODEL) \
-		--seed 0 --vae-minutes 20 --cache-minutes 5 --decoder-minutes 20 --unet-minutes 70
+		--seed 0 --vae-minutes 20 --cache-minutes 8 --decoder-minutes 20 --unet-minutes 70
 
 eval-default-model: $(STAMP)
 	$(BIN)/python -m export.default_model.evaluate $(MODEL) --n 100 --backend engine --json benchmarks/results/default_model_eval.json --grid docs/eval-contact-sheet.png
