@@ -48,3 +48,23 @@ def test_default_model_draws_the_colours_it_is_asked_for(default_pipeline, promp
     reading = read_image(image)
     assert reading.background == background, f"{prompt!r}: read {reading}"
     assert reading.colour == colour, f"{prompt!r}: read {reading}"
+
+
+SHAPES = {
+    "a red circle on a blue background": "circle",
+    "a yellow square on a black background": "square",
+    "a big white star, green background": "star",
+    "a big purple triangle, orange background": "triangle",
+}
+
+
+def test_default_model_draws_the_shapes_it_is_asked_for(default_pipeline):
+    """Shape class is the hard part (issue 8's target is 70 %): of 4 prompts x 3 seeds, at least 9
+    of the 12 images must read as the shape asked for (10 did when this was written; chance is 3)."""
+    from engine.pipeline import ImageRequest
+
+    requests = [ImageRequest(prompt=p, width=256, height=256, seed=s) for s in (11, 12, 13) for p in SHAPES]
+    images = default_pipeline.generate(requests)
+    read = [(r.prompt, read_image(im).shape) for r, im in zip(requests, images, strict=True)]
+    right = sum(SHAPES[prompt] == shape for prompt, shape in read)
+    assert right >= 9, f"{right}/12 shapes right: {read}"
