@@ -23,7 +23,9 @@ def worker(tiny_package, tmp_path_factory):
 
 
 def long_request(seed: int) -> pb.ModelInferRequest:
-    return infer_request(prompt="a cat", width=128, height=128, seed=seed, steps=150)
+    # Long enough (150 steps at 384x384) that the queue is still full when the refused request comes:
+    # at 128x128 the first one sometimes finished first on a loaded machine and freed a slot.
+    return infer_request(prompt="a cat", width=384, height=384, seed=seed, steps=150)
 
 
 def test_a_full_queue_refuses_at_once_with_resource_exhausted(worker):
