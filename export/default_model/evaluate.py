@@ -170,12 +170,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="engine: Kiln's ONNX package (what users get); diffusers: the PyTorch pipeline")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    import torch
-
-    torch.set_num_threads(a.threads)
     start = time.monotonic()
-    make = engine_generate if a.backend == "engine" else diffusers_generate
-    scores, prompts, images = evaluate(make(a.model_dir, tuple(a.size)), a.n)
+    if a.backend == "engine":
+        generate = engine_generate(a.model_dir, tuple(a.size), threads=a.threads)
+    else:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        generate = diffusers_generate(a.model_dir, tuple(a.size))
+    scores, prompts, images = evaluate(generate, a.n)
     log.info("%d images in %.1f min", len(images), (time.monotonic() - start) / 60)
     for half, s in scores.items():
         log.info("%-6s n=%3d  colour %.3f  background %.3f  shape %.3f", half, s.n, s.colour, s.background, s.shape)

@@ -464,10 +464,11 @@ def timestep_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Ten
     The plain v loss weighs the clean-image error by SNR + 1, so at high noise (half of this
     schedule's timesteps have SNR < 0.3) it is dominated by what cannot be known there, the
     shape's exact position, and the mid-noise steps where a shape's outline forms get little of
-    the gradient: with it, run 1 of the bundled model still drew blobs after 2,987 steps. Min-SNR weighting (about 3x faster
-    convergence in the paper) moves the weight to those mid-noise steps; the floor keeps enough
-    at the highest noise for the image's mean colours, which only those steps decide under a
-    zero-terminal-SNR schedule (it also lifts the few lowest-noise steps, SNR > 49, to 0.1).
+    the gradient: with it, run 1 of the bundled model still drew blobs after 2,987 steps.
+    Min-SNR weighting (about 3x faster convergence in the paper) moves the weight to those
+    mid-noise steps; the floor keeps enough at the highest noise for the image's mean colours,
+    which only those steps decide under a zero-terminal-SNR schedule (it also lifts the few
+    lowest-noise steps, SNR > 49, to 0.1).
     """
     a = alphas_cumprod[t].float()
     snr = a / (1 - a)
