@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: help install test serve export info default-model eval-default-model bench clean
 
 help:
-	@echo "make serve [PORT=8000]          start a worker and the API on the bundled model"
+	@echo "make serve [PORT=8000] [TARGET=cpu|openvino]  start a worker and the API on the bundled model"
 	@echo "make test                       run the test suite"
 	@echo "make export MODEL=<dir> [TARGET=cpu|cuda|tensorrt] [NAME=...] [SIZES=512x512,...] [BATCH=1,2,4]"
 	@echo "make bench                      benchmarks, results under benchmarks/results/"
@@ -40,7 +40,7 @@ info: $(STAMP)
 	$(BIN)/kiln info build/$(notdir $(MODEL))/$(TARGET)
 
 serve: $(STAMP)
-	$(BIN)/kiln serve --port $(PORT) --model $(MODEL)
+	$(BIN)/kiln serve --port $(PORT) --model $(MODEL) --target $(TARGET)
 
 default-model: $(STAMP)
 	$(BIN)/python -m export.default_model.train --run-dir runs/default-model --out $(MODEL) \

@@ -4,6 +4,9 @@ Each contender runs in its own process (so peak RSS is its own), the pair is rep
 times in alternation (the machine is shared and noisy), and the median of each is compared.
 Engine variants show what each onnxruntime setting buys: dynamic shapes with basic graph
 optimisation (plain onnxruntime), then fixed per-resolution shapes, then all optimisations.
+With openvino installed, the openvino package (derived from the cpu one) runs too, in OpenVINO's
+automatic precision (bf16 on CPUs with native bf16) and forced to fp32; `--variants` also times
+diffusers in bf16, the same-precision baseline for the bf16 engine.
 
     python -m benchmarks.engine_vs_diffusers --checkpoint build/checkpoints/sd15-random \
         --package build/sd15-random/cpu --size 256x256 --steps 3
@@ -24,7 +27,13 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a red circle on a blue background"
 
+DIFFUSERS = "diffusers (PyTorch fp32)"
+DIFFUSERS_BF16 = "diffusers (PyTorch bf16)"
 DEFAULT = "engine (fixed shapes, extended opt) = default"
+OPENVINO_VARIANTS = {
+    "engine openvino (auto: bf16 here)": {"openvino_precision": "auto"},
+    "engine openvino (f32)": {"openvino_precision": "f32"},
+}
 ENGINE_VARIANTS = {
     "engine (dynamic shapes, basic opt)": {"fixed_shapes": False, "optimization": "basic"},
     "engine (fixed shapes, basic opt)": {"fixed_shapes": True, "optimization": "basic"},
@@ -52,13 +61,16 @@ def run_engine(package: str, width: int, height: int, steps: int, sampler: str, 
     return {"seconds": times, "peak_rss_mib": peak_rss_mib()}
 
 
-def run_diffusers(checkpoint: str, width: int, height: int, steps: int, sampler: str, images: int, threads: int) -> dict:
+def run_diffusers(checkpoint: str, width: int, height: int, steps: int, sampler: str, images: int, threads: int,
+                  bf16: bool = False) -> dict:
     import torch
 
     from export.diffusers_reference import reference_pipeline
 
     torch.set_num_threads(threads or torch.get_num_threads())
     pipe = reference_pipeline(checkpoint, sampler)
+    if bf16:
+        pipe.to(dtype=torch.bfloat16)
     kwargs = dict(prompt=PROMPT, width=width, height=height, num_inference_steps=steps, output_type="np")
     with torch.inference_mode():
         pipe(**kwargs, generator=torch.Generator().manual_seed(0))
@@ -70,15 +82,27 @@ def run_diffusers(checkpoint: str, width: int, height: int, steps: int, sampler:
     return {"seconds": times, "peak_rss_mib": peak_rss_mib()}
 
 
+def _openvino_package(cpu_package: str) -> Path | None:
+    """The openvino sibling of `cpu_package`, derived on first use; None without openvino."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        print("openvino is not installed: its package is not timed (pip install 'kiln[openvino]')")
+        return None
+    from export.openvino_ir import derive_openvino_package
+
+    return derive_openvino_package(Path(cpu_package))
+
+
 def _fields(req) -> dict:
     import msgspec
 
     return msgspec.structs.asdict(req)
 
 
-def _child(kind: str, args: argparse.Namespace, options: dict | None = None) -> dict:
+def _child(kind: str, args: argparse.Namespace, options: dict | None = None, package: str | None = None) -> dict:
     """Run one contender in a fresh interpreter; it prints one JSON line."""
-    payload = json.dumps({"kind": kind, "args": vars(args), "options": options or {}})
+    payload = json.dumps({"kind": kind, "args": vars(args), "options": options or {}, "package": package or args.package})
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.engine_vs_diffusers", "--child", payload],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
@@ -93,9 +117,10 @@ def child_main(payload: str) -> None:
     a = spec["args"]
     width, height = (int(v) for v in a["size"].split("x"))
     if spec["kind"] == "diffusers":
-        result = run_diffusers(a["checkpoint"], width, height, a["steps"], a["sampler"], a["images"], a["threads"])
+        result = run_diffusers(a["checkpoint"], width, height, a["steps"], a["sampler"], a["images"], a["threads"],
+                               **spec["options"])
     else:
-        result = run_engine(a["package"], width, height, a["steps"], a["sampler"], a["images"], a["threads"], spec["options"])
+        result = run_engine(spec["package"], width, height, a["steps"], a["sampler"], a["images"], a["threads"], spec["options"])
     print(json.dumps(result))
 
 
@@ -112,21 +137,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", action="store_true", help="also time the engine's settings one by one")
+    parser.add_argument("--no-openvino", action="store_true", help="skip the openvino package")
     args = parser.parse_args(argv)
     if args.child:
         child_main(args.child)
         return 0
 
-    contenders = {"diffusers (PyTorch fp32)": ("diffusers", None)}
+    contenders: dict[str, tuple[str, dict, str | None]] = {DIFFUSERS: ("diffusers", {}, None)}
+    if args.variants:
+        contenders[DIFFUSERS_BF16] = ("diffusers", {"bf16": True}, None)
     variants = ENGINE_VARIANTS if args.variants else {DEFAULT: ENGINE_VARIANTS[DEFAULT]}
-    contenders.update({name: ("engine", opts) for name, opts in variants.items()})
+    contenders.update({name: ("engine", opts, None) for name, opts in variants.items()})
+    openvino = None if args.no_openvino else _openvino_package(args.package)
+    if openvino:
+        contenders.update({name: ("engine", opts, str(openvino)) for name, opts in OPENVINO_VARIANTS.items()})
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for r in range(args.rounds):
-        for name, (kind, opts) in contenders.items():
-            runs[name].append(_child(kind, args, opts))
+        for name, (kind, opts, package) in contenders.items():
+            runs[name].append(_child(kind, args, opts, package))
             print(f"round {r + 1}/{args.rounds} {name}: {statistics.median(runs[name][-1]['seconds']):.3f} s/image", flush=True)
 
-    base = statistics.median(t for run in runs["diffusers (PyTorch fp32)"] for t in run["seconds"])
+    base = statistics.median(t for run in runs[DIFFUSERS] for t in run["seconds"])
     rows = []
     for name, rs in runs.items():
         med = statistics.median(t for run in rs for t in run["seconds"])
@@ -138,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'contender':<40} {'s/image':>9} {'x diffusers':>12} {'peak RSS MiB':>13}")
     for row in rows:
         print(f"{row['contender']:<40} {row['median_s_per_image']:>9.3f} {row['ratio_vs_diffusers']:>12.2f} {row['peak_rss_mib']:>13.0f}")
+    if DIFFUSERS_BF16 in runs and openvino:
+        bf16 = statistics.median(t for run in runs[DIFFUSERS_BF16] for t in run["seconds"])
+        ov = next(r["median_s_per_image"] for r in rows if r["contender"] == next(iter(OPENVINO_VARIANTS)))
+        print(f"same precision: engine openvino (auto) / diffusers bf16 = {ov / bf16:.2f}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"engine_vs_diffusers_{label}_{args.size}.json"
     out.write_text(json.dumps({

@@ -2,9 +2,11 @@
 
 Each resolution gets its own fixed-shape onnxruntime sessions; sharing the mapped weights across
 them is what keeps five sizes from costing five copies of the UNet. Each mode runs in its own
-process so the numbers are not mixed.
+process so the numbers are not mixed. An openvino package has one compiled model per component
+for every size; its modes are the inference precisions.
 
     python -m benchmarks.memory_per_size --package build/sd15-random/cpu
+    python -m benchmarks.memory_per_size --package build/sd15-random/openvino
 """
 
 from __future__ import annotations
@@ -33,13 +35,23 @@ MODES = {
     "shared weights only": {"shared_arena": False},
     "nothing shared": {"shared_arena": False, "share_weights": False},
 }
+OPENVINO_MODES = {
+    "openvino auto (bf16 here)": {"openvino_precision": "auto"},
+    "openvino f32": {"openvino_precision": "f32"},
+}
+
+
+def modes_for(package: str) -> dict[str, dict]:
+    from engine.manifest import read_manifest
+
+    return OPENVINO_MODES if read_manifest(Path(package)).target == "openvino" else MODES
 
 
 def child(package: str, mode: str, steps: int) -> dict:
     from engine.pipeline import ImageRequest, Pipeline
     from engine.sessions import RuntimeOptions
 
-    pipe = Pipeline(package, RuntimeOptions(threads=2, **MODES[mode]))
+    pipe = Pipeline(package, RuntimeOptions(threads=2, **modes_for(package)[mode]))
     after = {"loaded": rss_mib()}
     for k, size in enumerate(SIZES, 1):
         w, h = (int(v) for v in size.split("x"))
@@ -52,14 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--package", default="build/test-cache/packages/sd1/cpu")
     parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--child", choices=list(MODES))
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated; 'nothing shared' of a large model needs 5x its weights in memory")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default=None, help="comma-separated (default: all of the package's target); "
+                        "'nothing shared' of a large model needs 5x its weights in memory")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.package, args.child, args.steps)))
         return 0
     results = {}
-    modes = args.modes.split(",")
+    known = modes_for(args.package)
+    modes = args.modes.split(",") if args.modes else list(known)
+    if unknown := [m for m in modes if m not in known]:
+        parser.error(f"unknown modes {unknown} for this package; choose from {list(known)}")
     for mode in modes:
         done = subprocess.run(
             [sys.executable, "-m", "benchmarks.memory_per_size", "--package", args.package, "--steps", str(args.steps), "--child", mode],
@@ -71,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in results[modes[0]]:
         print(f"{key:<10}" + "".join(f"{results[m][key]:>24.0f}" for m in results))
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"memory_per_size_{Path(args.package).parent.name}.json"
+    target = Path(args.package).name
+    out = RESULTS / f"memory_per_size_{Path(args.package).parent.name}{'' if target == 'cpu' else '_' + target}.json"
     out.write_text(json.dumps({"package": args.package, "sizes": SIZES, "rss_mib": results, "date": time.strftime("%Y-%m-%d")}, indent=2))
     print(f"wrote {out}")
     return 0

@@ -19,6 +19,8 @@ def describe_package(package: Path) -> str:
         ("family", m.family),
         ("prediction", m.prediction_type),
         ("target", f"{m.target} ({m.precision}, opset {m.opset})"),
+        *([("runs", "OpenVINO CPU plugin, bf16 where the CPU has it (AVX512-BF16, AMX), else fp32; "
+                    "KILN_OPENVINO_PRECISION=f32 forces fp32")] if m.target == "openvino" else []),
         ("sizes", f"{m.sizes.min_side}..{m.sizes.max_side} px per side, multiples of {m.sizes.multiple_of}; default {m.sizes.default}"),
         ("defaults", f"{m.defaults.sampler}, {m.defaults.steps} steps, guidance {m.defaults.guidance_scale:g}"
                      + (f", rescale {m.defaults.guidance_rescale:g}" if m.defaults.guidance_rescale else "")),

@@ -75,8 +75,13 @@ def initial_noise(seed: int, shape: tuple[int, int, int]) -> tuple[np.ndarray, n
 
 
 def runtime_class(target: str) -> type["Pipeline"]:
-    """The Pipeline class that runs packages of `target`: onnxruntime CPU sessions, the CUDA
-    execution provider with IOBinding (engine/cuda/), or TensorRT engines (engine/tensorrt/)."""
+    """The Pipeline class that runs packages of `target`: onnxruntime CPU sessions, OpenVINO's
+    CPU plugin (engine/openvino/), the CUDA execution provider with IOBinding (engine/cuda/), or
+    TensorRT engines (engine/tensorrt/)."""
+    if target == "openvino":
+        from engine.openvino.pipeline import OpenVINOPipeline
+
+        return OpenVINOPipeline
     if target == "cuda":
         from engine.cuda.pipeline import CudaPipeline
 
@@ -114,7 +119,7 @@ class Pipeline:
         self.is_xl = m.family == "sdxl"
         self._plans: dict[tuple[str, int], SamplerPlan] = {}
 
-    # ---- what other runtimes replace (engine/cuda/, engine/tensorrt/) ----------------------
+    # ---- what other runtimes replace (engine/openvino/, engine/cuda/, engine/tensorrt/) -----
 
     def _providers(self) -> list[str]:
         """The onnxruntime providers for this package; refuses one this machine cannot run."""

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+OTHER_RUNTIMES = {"openvino": "OpenVINO (engine/openvino/)", "tensorrt": "TensorRT (engine/tensorrt/)"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class RuntimeOptions:
     # 256x256 it saved 0.8 GB of peak RSS and cost no measurable time (4.56 vs 4.57 s a step).
     prepack: bool = False
     gpu: GpuOptions = GpuOptions()  # used by `cuda` packages only
+    # `openvino` packages only: "auto" lets OpenVINO choose (bf16 on CPUs with native bf16 —
+    # AVX512-BF16 or AMX — else fp32), "f32" forces fp32 (closest to diffusers), "bf16" refuses
+    # to load on a CPU without it.
+    openvino_precision: str = field(default_factory=lambda: os.environ.get("KILN_OPENVINO_PRECISION", "auto"))
 
 
 _arena_lock = threading.Lock()
@@ -83,7 +88,8 @@ def check_provider(target: str) -> list[str]:
     """The providers to run a `target` package with; refuse if this machine has none of them."""
     if target not in PROVIDERS:
         raise IncompatiblePackageError(
-            f"this engine runs packages for {', '.join(PROVIDERS)} with onnxruntime; the package targets {target!r}"
+            f"this engine runs packages for {', '.join(PROVIDERS)} with onnxruntime and for "
+            f"{', '.join(OTHER_RUNTIMES)} with {' and '.join(OTHER_RUNTIMES.values())}; the package targets {target!r}"
         )
     wanted = PROVIDERS[target][0]
     available = ort.get_available_providers()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -181,41 +180,19 @@ def optimise_package(folder: Path, components: dict, family: str, gpu: bool = Tr
 def derive_cuda_package(cpu_package: Path, out: Path | None = None, force: bool = False) -> Path:
     """A cuda package from a cpu package: the graphs `kiln export --target cuda` would make (the
     same `optimise_package` step over the same optimum export), minus the PyTorch export."""
-    import msgspec
     import onnxruntime as ort
 
-    from engine.errors import PackageError
-    from engine.manifest import read_manifest, write_manifest
+    from engine.manifest import read_manifest
+    from export.derive import derive_package
 
-    cpu_package = Path(cpu_package)
-    manifest = read_manifest(cpu_package)
-    if manifest.target != "cpu":
-        raise PackageError(f"{cpu_package} is a {manifest.target} package; derive a cuda package from a cpu one")
-    out = Path(out) if out else cpu_package.parent / "cuda"
-    if not force and (out / "manifest.json").is_file():
-        existing = read_manifest(out)
-        if (existing.target, existing.source_digest, existing.tools.get("kiln-export")) == (
-            "cuda", manifest.source_digest, manifest.tools.get("kiln-export")
-        ):
-            log.info("%s is up to date with %s; use --force to rebuild", out, cpu_package)
-            return out
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(cpu_package, tmp)
-    try:
-        components, details = optimise_package(tmp, manifest.components, manifest.family)
+    family = read_manifest(Path(cpu_package)).family
+
+    def optimise(folder: Path, components: dict) -> tuple[dict, dict]:
+        components, details = optimise_package(folder, components, family)
         details.update(optimizer=f"onnxruntime.transformers {ort.__version__}", io_dtype="float32")
-        derived = msgspec.structs.replace(
-            manifest, target="cuda", precision="fp16", components=components,
-            extra={**manifest.extra, "cuda": details}, tools={**manifest.tools, "onnxruntime": ort.__version__},
-        )
-        write_manifest(tmp, derived)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        return components, details
+
+    return derive_package(cpu_package, "cuda", "fp16", optimise, out, force, tools={"onnxruntime": ort.__version__})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from export.checkpoint import CheckpointInfo, inspect_checkpoint, sha256_file
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("cpu", "cuda", "tensorrt")
+TARGETS = ("cpu", "openvino", "cuda", "tensorrt")
 # Bump when a change to the export code changes what a package holds, so that packages made
 # before it are rebuilt instead of reused.
 EXPORT_REVISION = "3"
@@ -42,7 +42,7 @@ NATIVE_SIDE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 
 def tool_versions() -> dict[str, str]:
     versions = {}
-    for dist in ("kiln", "torch", "diffusers", "transformers", "optimum-onnx", "onnx", "onnxruntime"):
+    for dist in ("kiln", "torch", "diffusers", "transformers", "optimum-onnx", "onnx", "onnxruntime", "openvino"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

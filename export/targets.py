@@ -10,6 +10,9 @@ runs on onnxruntime's CUDA execution provider (engine/cuda/).
 `tensorrt` keeps the fp32 ONNX graphs (so engines can be rebuilt from the package alone) and
 builds TensorRT engines per resolution from them (export/tensorrt_engines.py). TensorRT builds for
 the GPU it runs on, so this target needs the `tensorrt` package and an NVIDIA GPU at export time.
+
+`openvino` converts the fp32 ONNX graphs to OpenVINO IR with fp16 weights (export/openvino_ir.py)
+for OpenVINO's CPU plugin (engine/openvino/): the fast CPU target, bf16 where the CPU has it.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ INSTALL = {
     "onnx": "onnx",
     "sympy": "sympy (onnxruntime's symbolic shape inference, used by the fp16 conversion)",
     "tensorrt": "tensorrt (NVIDIA TensorRT 10 for your CUDA version, e.g. `pip install tensorrt-cu12`)",
+    "openvino": "openvino (`pip install 'kiln[openvino]'`)",
 }
 REQUIRED = {
     "cpu": ("onnxruntime",),
     "cuda": ("onnxruntime", "onnx", "sympy"),
     "tensorrt": ("tensorrt", "onnx"),
+    "openvino": ("openvino",),
 }
 
 
@@ -100,6 +105,11 @@ def optimise_for_target(
         return TargetResult(components, "fp16", {"cuda": details})
     if target == "tensorrt":
         return TargetResult(components, "fp16")  # the engines are built from the finished package
+    if target == "openvino":
+        from export.openvino_ir import convert_package
+
+        components, details = convert_package(folder, components)
+        return TargetResult(components, "fp16", {"openvino": details})
     raise PackageError(f"unknown target {target!r}")
 
 

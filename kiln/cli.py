@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a local diffusers checkpoint to a model package")
     p.add_argument("model", help="local diffusers checkpoint folder")
-    p.add_argument("--target", default="cpu", help="cpu (default), cuda or tensorrt")
+    p.add_argument("--target", default="cpu", help="cpu (default), openvino (fast CPU), cuda or tensorrt")
     p.add_argument("--name", default=None, help="package name (default: the folder's name)")
     p.add_argument("--out", default="build", help="where packages go (default: build/)")
     p.add_argument("--force", action="store_true", help="rebuild even if the checkpoint is unchanged")

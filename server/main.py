@@ -38,15 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln serve", description="Serve the OpenAI-compatible image API.")
     p.add_argument("--config", default=None, help="kiln.toml (see kiln.example.toml)")
     p.add_argument("--model", default=None, help="quick start: a checkpoint or package folder (default models/kiln-shapes)")
+    p.add_argument("--target", default="cpu", help="quick start from a checkpoint: the package target (cpu, or openvino: faster on CPU)")
     p.add_argument("--host", default=None, help="listen address (default 127.0.0.1, or the config's)")
     p.add_argument("--port", type=int, default=None, help="listen port (default 8000, or the config's)")
     p.add_argument("--public-url", default=None, help="base URL of hosted images, for a reverse proxy")
     return p
 
 
-def quick_config(model: Path, env: dict[str, str]) -> dict:
+def quick_config(model: Path, env: dict[str, str], target: str = "cpu") -> dict:
     """The config of `kiln serve --model DIR`: one local worker, the default aliases."""
-    package = package_for(model)
+    package = package_for(model, target)
     from engine.manifest import read_manifest
 
     name = read_manifest(package).name
@@ -57,17 +58,17 @@ def quick_config(model: Path, env: dict[str, str]) -> dict:
     }
 
 
-def package_for(model: Path) -> Path:
-    """`model` itself if it is a package, else its CPU package under build/, exported if missing
+def package_for(model: Path, target: str = "cpu") -> Path:
+    """`model` itself if it is a package, else its `target` package under build/, exported if missing
     or stale (the export reuses the package when the checkpoint's file hashes are unchanged)."""
     if (model / "manifest.json").is_file():
         return model
     if not model.is_dir():
         raise ConfigError(f"--model {model} does not exist (give a diffusers checkpoint or a package folder)")
-    package = ROOT / "build" / model.name / "cpu"
+    package = ROOT / "build" / model.name / target
     have = (package / "manifest.json").is_file()
     log.info("checking the package for %s%s", model, "" if have else " (first start: exporting, this takes a while)")
-    cmd = [sys.executable, "-m", "kiln.cli", "export", str(model), "--target", "cpu", "--out", str(ROOT / "build")]
+    cmd = [sys.executable, "-m", "kiln.cli", "export", str(model), "--target", target, "--out", str(ROOT / "build")]
     if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
         if not have:
             raise ConfigError(f"could not build a package from --model {model} (see the export error above)")
@@ -82,7 +83,7 @@ def resolve_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[Confi
     if args.config:
         config = load_config(args.config, env=env)
     else:
-        config = parse_config(quick_config(Path(args.model or ROOT / "models" / "kiln-shapes"), env), source="--model", env=env)
+        config = parse_config(quick_config(Path(args.model or ROOT / "models" / "kiln-shapes"), env, args.target), source="--model", env=env)
     server = config.server
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("public_url", args.public_url)) if v is not None}
     if overrides:

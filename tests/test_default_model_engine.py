@@ -2,6 +2,7 @@
 
 Shapes and colours are read back with the evaluator that scores the model
 (export/default_model/evaluate_images.py); a handful of prompts at 256x256 keeps this within CI's time.
+Both CPU targets: the onnxruntime cpu package, and the openvino package (bf16 on CPUs with it).
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def default_pipeline(tmp_path_factory):
+@pytest.fixture(scope="module", params=["cpu", "openvino"])
+def default_pipeline(request, tmp_path_factory):
     from engine.pipeline import Pipeline
     from export.package import build_package
 
+    if request.param == "openvino":
+        pytest.importorskip("openvino")
     if not (DEFAULT_MODEL / "model_index.json").is_file():
         pytest.fail(f"the bundled model is missing from {DEFAULT_MODEL}")
-    package = build_package(DEFAULT_MODEL, tmp_path_factory.mktemp("pkg"), target="cpu")
+    package = build_package(DEFAULT_MODEL, tmp_path_factory.mktemp("pkg"), target=request.param)
     return Pipeline(package)
 
 
