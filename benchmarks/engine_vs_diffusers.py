@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.workloads import openvino_sibling
+
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a red circle on a blue background"
 
@@ -82,18 +84,6 @@ def run_diffusers(checkpoint: str, width: int, height: int, steps: int, sampler:
     return {"seconds": times, "peak_rss_mib": peak_rss_mib()}
 
 
-def _openvino_package(cpu_package: str) -> Path | None:
-    """The openvino sibling of `cpu_package`, derived on first use; None without openvino."""
-    import importlib.util
-
-    if importlib.util.find_spec("openvino") is None:
-        print("openvino is not installed: its package is not timed (pip install 'kiln[openvino]')")
-        return None
-    from export.openvino_ir import derive_openvino_package
-
-    return derive_openvino_package(Path(cpu_package))
-
-
 def _fields(req) -> dict:
     import msgspec
 
@@ -148,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         contenders[DIFFUSERS_BF16] = ("diffusers", {"bf16": True}, None)
     variants = ENGINE_VARIANTS if args.variants else {DEFAULT: ENGINE_VARIANTS[DEFAULT]}
     contenders.update({name: ("engine", opts, None) for name, opts in variants.items()})
-    openvino = None if args.no_openvino else _openvino_package(args.package)
+    openvino = None if args.no_openvino else openvino_sibling(Path(args.package))
     if openvino:
         contenders.update({name: ("engine", opts, str(openvino)) for name, opts in OPENVINO_VARIANTS.items()})
     runs: dict[str, list[dict]] = {name: [] for name in contenders}

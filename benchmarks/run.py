@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.workloads import SD15_CHECKPOINT, TINY_CHECKPOINT, sd15_package, tiny_package
+from benchmarks.workloads import SD15_CHECKPOINT, TINY_CHECKPOINT, openvino_sibling, sd15_package, tiny_package
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")
@@ -41,14 +41,24 @@ def engine(quick: bool) -> None:
 
 
 def memory(quick: bool) -> None:
-    run_module("benchmarks.memory_per_size", "--package", str(tiny_package()))
-    if not quick:
-        run_module("benchmarks.memory_per_size", "--package", str(sd15_package()), "--modes", "shared weights+arena,shared weights only")
+    packages = [tiny_package()] + ([] if quick else [sd15_package()])
+    for package in packages:
+        big = package != packages[0]
+        run_module("benchmarks.memory_per_size", "--package", str(package),
+                   *(["--modes", "shared weights+arena,shared weights only"] if big else []))
+        if openvino := openvino_sibling(package):
+            run_module("benchmarks.memory_per_size", "--package", str(openvino))
 
 
 def latency(quick: bool) -> None:
     """Latency per size: the bundled model's package (else tiny SD1), then the SD 1.5 architecture."""
     run_module("benchmarks.latency_per_size", *(["--quick"] if quick else []))
+    from benchmarks.workloads import choose_package
+
+    package, _ = choose_package(None)
+    if openvino := openvino_sibling(package):
+        run_module("benchmarks.latency_per_size", "--package", str(openvino), "--label", f"{package.parent.name}-openvino",
+                   "--no-diffusers", *(["--quick"] if quick else []))
     if not quick:
         sd15 = sd15_package()
         # On 2 CPU cores one SD 1.5 step at 512x512 takes seconds: 3 steps, 1 timed image a size.

@@ -34,6 +34,18 @@ def sd15_package() -> Path:
     return _random_package(ROOT / "export" / "architectures" / "sd15", SD15_CHECKPOINT, SD15_PACKAGE)
 
 
+def openvino_sibling(cpu_package: Path) -> Path | None:
+    """The openvino package beside `cpu_package`, derived on first use; None without openvino."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        print("openvino is not installed: its package is not measured (pip install 'kiln[openvino]')")
+        return None
+    from export.openvino_ir import derive_openvino_package
+
+    return derive_openvino_package(cpu_package)
+
+
 def choose_package(given: str | None) -> tuple[Path, str]:
     """(package, what it is): `given`, else the bundled model's package, else the tiny SD 1.x one."""
     if given:

@@ -153,3 +153,18 @@ def test_derived_from_a_cpu_package(tiny_package, tmp_path):
     mtime = (out / "manifest.json").stat().st_mtime_ns
     assert derive_openvino_package(tiny_package("sd1"), out) == out  # up to date: not rebuilt
     assert (out / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_running_an_openvino_package_does_not_import_torch(openvino_package):
+    import subprocess
+
+    code = (
+        "import sys; from engine.pipeline import ImageRequest, Pipeline; "
+        f"p = Pipeline({str(openvino_package('sd1'))!r}); "
+        "p.generate([ImageRequest(prompt='a red circle', width=64, height=64, seed=1, steps=2)]); "
+        "assert type(p).__name__ == 'OpenVINOPipeline'; "
+        "bad = [m for m in ('torch', 'diffusers', 'transformers', 'optimum') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, f"the openvino pipeline imported {done.stdout} {done.stderr[-2000:]}"
