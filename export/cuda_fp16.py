@@ -25,7 +25,6 @@ version of that one method that reads the element instead (same result on older 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 from contextlib import contextmanager
@@ -196,14 +195,9 @@ def derive_cuda_package(cpu_package: Path, out: Path | None = None, force: bool 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Make a cuda (fp16, fused) package from an exported cpu package.")
-    parser.add_argument("cpu_package", type=Path)
-    parser.add_argument("out", type=Path, nargs="?", help="default: the cpu package's sibling folder cuda/")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(derive_cuda_package(args.cpu_package, args.out, args.force))
-    return 0
+    from export.derive import derive_main
+
+    return derive_main(argv, "cuda", "fp16, fused", derive_cuda_package)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from PyTorch: the benchmarks and tests use it.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 from pathlib import Path
@@ -61,3 +62,15 @@ def derive_package(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def derive_main(argv: list[str] | None, target: str, what: str, derive: Callable[[Path, Path | None, bool], Path]) -> int:
+    """`python -m export.<module> build/<name>/cpu [out] [--force]` for a derived target."""
+    parser = argparse.ArgumentParser(description=f"Make the {target} package ({what}) from an exported cpu package.")
+    parser.add_argument("cpu_package", type=Path)
+    parser.add_argument("out", type=Path, nargs="?", help=f"default: the cpu package's sibling folder {target}/")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(derive(args.cpu_package, args.out, args.force))
+    return 0

@@ -17,7 +17,6 @@ exporting from PyTorch again (`python -m export.openvino_ir build/<name>/cpu`).
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -73,14 +72,9 @@ def derive_openvino_package(cpu_package: Path, out: Path | None = None, force: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Make an openvino package from an exported cpu package.")
-    parser.add_argument("cpu_package", type=Path)
-    parser.add_argument("out", type=Path, nargs="?", help="default: the cpu package's sibling folder openvino/")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(derive_openvino_package(args.cpu_package, args.out, args.force))
-    return 0
+    from export.derive import derive_main
+
+    return derive_main(argv, "openvino", "IR, fp16 weights", derive_openvino_package)
 
 
 if __name__ == "__main__":

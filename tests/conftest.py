@@ -33,17 +33,23 @@ def tiny_checkpoint():
 
 
 @pytest.fixture(scope="session")
-def tiny_package(tiny_checkpoint):
+def tiny_target_package(tiny_checkpoint):
+    """get(family, target): the tiny checkpoint exported for `target` (cached under CACHE)."""
     from export.package import build_package
 
-    made: dict[str, Path] = {}
+    made: dict[tuple[str, str], Path] = {}
 
-    def get(family: str) -> Path:
-        if family not in made:
-            made[family] = build_package(tiny_checkpoint(family), CACHE / "packages", target="cpu", name=family)
-        return made[family]
+    def get(family: str, target: str) -> Path:
+        if (family, target) not in made:
+            made[family, target] = build_package(tiny_checkpoint(family), CACHE / "packages", target=target, name=family)
+        return made[family, target]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_target_package):
+    return lambda family: tiny_target_package(family, "cpu")
 
 
 @pytest.fixture(autouse=True)

@@ -21,24 +21,14 @@ from engine.errors import IncompatiblePackageError, PackageError
 from engine.manifest import read_manifest
 from engine.pipeline import Pipeline
 from export.cuda_fp16 import optimise_graph
-from export.package import build_package
 from export.targets import check_target_tools
-
-from .conftest import CACHE
 
 NO_CUDA = "CUDAExecutionProvider" not in ort.get_available_providers()
 
 
 @pytest.fixture(scope="module")
-def cuda_package(tiny_checkpoint):
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            made[family] = build_package(tiny_checkpoint(family), CACHE / "packages", target="cuda", name=family)
-        return made[family]
-
-    return get
+def cuda_package(tiny_target_package):
+    return lambda family: tiny_target_package(family, "cuda")
 
 
 def _weight_dtypes(package, component: str) -> set[str]:

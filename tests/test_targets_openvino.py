@@ -24,9 +24,6 @@ from engine.manifest import read_manifest  # noqa: E402
 from engine.openvino.pipeline import OpenVINOPipeline  # noqa: E402
 from engine.pipeline import ImageRequest, Pipeline  # noqa: E402
 from engine.sessions import RuntimeOptions  # noqa: E402
-from export.package import build_package  # noqa: E402
-
-from .conftest import CACHE  # noqa: E402
 from .test_engine_parity import diffusers_image  # noqa: E402
 
 F32_TOLERANCE = 2  # uint8 levels
@@ -41,15 +38,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def openvino_package(tiny_checkpoint):
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            made[family] = build_package(tiny_checkpoint(family), CACHE / "packages", target="openvino", name=family)
-        return made[family]
-
-    return get
+def openvino_package(tiny_target_package):
+    return lambda family: tiny_target_package(family, "openvino")
 
 
 def test_package_is_ir_with_fp16_weights(openvino_package):
