@@ -34,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+CPU_TARGETS = ("cpu", "openvino")
 SEED_SIZES = ("256x256", "512x512", "1024x1024", "1792x1024", "1024x1792")
 PROMPT = "a red circle on a blue background"
 # Peak activation memory ~ this many times the largest intermediate tensor: an attention score
@@ -222,7 +223,11 @@ def largest_activation_bytes(model_path: Path, dims: dict[str, int]) -> int | No
 
 
 def estimated_peak_bytes(package: Path, manifest, width: int, height: int) -> dict[str, int]:
-    """Per component, PEAK_OVER_LARGEST x its largest activation at this size (batch 2 UNet: CFG)."""
+    """Per component, PEAK_OVER_LARGEST x its largest activation at this size (batch 2 UNet: CFG).
+    A model with `render_max_side` draws large sizes smaller and upscales: its drawn size counts."""
+    from engine.shapes import render_size
+
+    width, height = render_size(width, height, manifest.sizes)
     h, w = height // manifest.vae_scale_factor, width // manifest.vae_scale_factor
     plans = {
         "unet": {"batch_size": 2, "height": h, "width": w, "sequence_length": 77},
@@ -230,7 +235,13 @@ def estimated_peak_bytes(package: Path, manifest, width: int, height: int) -> di
     }
     out = {}
     for name, dims in plans.items():
-        largest = largest_activation_bytes(package / manifest.components[name].file, dims)
+        graph = package / manifest.components[name].file
+        if graph.suffix != ".onnx":  # an openvino package: its cpu sibling has the same graph as ONNX
+            graph = package.parent / "cpu" / name / "model.onnx"
+            if not graph.is_file():
+                log.info("no ONNX graph of %s to estimate its memory from; not checking it", name)
+                continue
+        largest = largest_activation_bytes(graph, dims)
         if largest is not None:
             out[name] = int(largest * PEAK_OVER_LARGEST)
     return out
@@ -404,7 +415,7 @@ def run(args: argparse.Namespace) -> dict:
         checkpoint = Path(args.checkpoint) if args.checkpoint else checkpoint
         label = args.label or label
     manifest = read_manifest(package)
-    device = "cpu" if manifest.target == "cpu" else "cuda"
+    device = "cpu" if manifest.target in CPU_TARGETS else "cuda"
     sizes = [s.strip() for s in (args.sizes or ",".join(SEED_SIZES)).split(",") if s.strip()]
     steps = args.steps or (4 if args.quick else 20)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -503,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = run(args)
     results = [_result_from_dict(d) for d in report["sizes"]]
-    device = "cpu" if report["target"] == "cpu" else "cuda"
+    device = "cpu" if report["target"] in CPU_TARGETS else "cuda"
     title = (
         f"{report['workload']} ({report['target']}, {report['precision']}), {report['steps']} euler steps, "
         f"CFG {report['guidance_scale']:g}; medians, warm-up excluded"
