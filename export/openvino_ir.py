@@ -4,10 +4,10 @@ Why a second CPU target: on this project's 2-core AMD EPYC (AVX-512 with BF16), 
 CPU provider and PyTorch spend the same time in convolutions (fp32 kernels of equal speed), so
 no onnxruntime setting gets the engine far below PyTorch. OpenVINO's CPU plugin runs the same
 graphs with fused, layout-blocked kernels and, on CPUs with native bf16 (AVX512-BF16, AMX), in
-bf16: see benchmarks/results/engine_vs_diffusers_sd15_256.json for what that buys.
+bf16: see benchmarks/results/engine_vs_diffusers_sd15-architecture_256x256.json for what that buys.
 
-The IR keeps the weights in fp16, half the size of fp32 and what the bf16 kernels read anyway
-(OpenVINO converts them once, at load). The engine (engine/openvino/) maps model.bin and
+The IR keeps the weights in fp16, half the size of fp32 on disk and in the page cache; OpenVINO
+converts them once, at load, to the precision and layout its kernels compute in (bf16 or fp32). The engine (engine/openvino/) maps model.bin and
 compiles one model per component with dynamic shapes: every resolution and batch shares one
 copy of the weights, with no session per size.
 
