@@ -93,13 +93,14 @@ def diffusers_generate(model_dir: Path, size: tuple[int, int] = (256, 256), batc
     return generate
 
 
-def engine_generate(model_dir: Path, size: tuple[int, int] = (256, 256), batch: int = 8, threads: int = 2) -> Generate:
-    """Generation through Kiln's engine: the ONNX package (exported if missing or stale), numpy DDIM."""
+def engine_generate(model_dir: Path, size: tuple[int, int] = (256, 256), batch: int = 8, threads: int = 2,
+                    target: str = "cpu") -> Generate:
+    """Generation through Kiln's engine: the `target` package (exported if missing or stale), numpy DDIM."""
     from engine.pipeline import ImageRequest, Pipeline
     from engine.sessions import RuntimeOptions
     from kiln.default_model import ensure_package
 
-    pipe = Pipeline(ensure_package(Path(model_dir)), RuntimeOptions(threads=threads))
+    pipe = Pipeline(ensure_package(Path(model_dir), target), RuntimeOptions(threads=threads))
     width, height = size
 
     def generate(prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
@@ -168,11 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the scores as JSON here")
     p.add_argument("--backend", choices=["engine", "diffusers"], default="engine",
                    help="engine: Kiln's ONNX package (what users get); diffusers: the PyTorch pipeline")
+    p.add_argument("--target", default="cpu", help="the engine's package target: cpu or openvino")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     start = time.monotonic()
     if a.backend == "engine":
-        generate = engine_generate(a.model_dir, tuple(a.size), threads=a.threads)
+        generate = engine_generate(a.model_dir, tuple(a.size), threads=a.threads, target=a.target)
     else:
         import torch
 
