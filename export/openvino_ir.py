@@ -66,9 +66,12 @@ def convert_package(folder: Path, components: dict[str, Component]) -> tuple[dic
 def derive_openvino_package(cpu_package: Path, out: Path | None = None, force: bool = False) -> Path:
     """An openvino package from a cpu package: what `kiln export --target openvino` makes, minus
     the PyTorch export (the same ONNX graphs go through the same conversion)."""
+    from importlib import metadata
+
     from export.derive import derive_package
 
-    return derive_package(cpu_package, "openvino", "fp16", convert_package, out, force)
+    tools = {"openvino": metadata.version("openvino")}
+    return derive_package(cpu_package, "openvino", "fp16", convert_package, out, force, tools=tools)
 
 
 def main(argv: list[str] | None = None) -> int:

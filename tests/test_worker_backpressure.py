@@ -28,15 +28,23 @@ def long_request(seed: int) -> pb.ModelInferRequest:
     return infer_request(prompt="a cat", width=384, height=384, seed=seed, steps=150)
 
 
+def fill(worker: str, v2: V2) -> list:
+    """One request running and two queued, in that order: sent together, the three could arrive in
+    any order, and one arriving while the other two wait would itself be refused and leave a slot
+    open (the pool test once got its request in that way)."""
+    running = v2.ModelInferStream(long_request(1), timeout=60)
+    next(running)  # its first progress message: it is in the running set
+    queued = [v2.ModelInfer.future(long_request(seed), timeout=60) for seed in (2, 3)]
+    assert wait_for(lambda: metrics(worker)["queue_images"] == 2)
+    assert not any(call.done() for call in queued), "a queued request ended early"
+    return [running, *queued]
+
+
 def test_a_full_queue_refuses_at_once_with_resource_exhausted(worker):
     v2 = V2(worker)
     calls = []
     try:
-        running = v2.ModelInferStream(long_request(1), timeout=60)
-        next(running)  # the first request is in the running set
-        calls.append(running)
-        calls += [v2.ModelInfer.future(long_request(seed), timeout=60) for seed in (2, 3)]
-        assert wait_for(lambda: metrics(worker)["queue_images"] == 2)
+        calls += fill(worker, v2)
         before = metrics(worker)
 
         start = time.monotonic()
@@ -61,9 +69,9 @@ def test_a_full_queue_refuses_at_once_with_resource_exhausted(worker):
 def test_the_pool_raises_queue_full_when_every_worker_is_full(worker):
     params = GenerationParams(model="sd1", prompt="a cat", width=128, height=128, seed=1, steps=150)
     v2 = V2(worker)
-    calls = [v2.ModelInfer.future(long_request(seed), timeout=60) for seed in (1, 2, 3)]
+    calls = []
     try:
-        assert wait_for(lambda: metrics(worker)["queue_images"] == 2)
+        calls += fill(worker, v2)
 
         async def refused():
             async with WorkerPool([worker]) as pool:
