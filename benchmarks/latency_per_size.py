@@ -439,6 +439,8 @@ def run(args: argparse.Namespace) -> dict:
         result.engine = time_engine(pipe, width, height, steps, repeats)
     del pipe
 
+    from engine.shapes import render_size
+
     use_diffusers = not args.no_diffusers and checkpoint is not None and _torch_ready(device)
     if use_diffusers:
         dpipe = load_diffusers(checkpoint, "euler", device)
@@ -447,7 +449,13 @@ def run(args: argparse.Namespace) -> dict:
             if result.engine is None:
                 continue
             width, height = parse_size(result.size)
-            log.info("diffusers %s", result.size)
+            # A model with render_max_side is drawn smaller and upscaled by the engine: diffusers
+            # draws at that size too, the same denoising work (natively it would be far slower).
+            drawn = render_size(width, height, manifest.sizes)
+            if drawn != (width, height):
+                width, height = drawn
+                result.notes.append(f"diffusers drew {width}x{height}, the size the engine draws before upscaling")
+            log.info("diffusers %s (drawn at %dx%d)", result.size, width, height)
             try:
                 result.diffusers = time_diffusers(dpipe, width, height, steps, guidance, repeats, device)
             except Exception as e:  # out of memory in PyTorch, say: keep the engine's numbers
