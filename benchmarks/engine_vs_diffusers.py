@@ -32,8 +32,9 @@ PROMPT = "a red circle on a blue background"
 DIFFUSERS = "diffusers (PyTorch fp32)"
 DIFFUSERS_BF16 = "diffusers (PyTorch bf16)"
 DEFAULT = "engine (fixed shapes, extended opt) = default"
+OPENVINO_AUTO = "engine openvino (auto: bf16 here)"
 OPENVINO_VARIANTS = {
-    "engine openvino (auto: bf16 here)": {"openvino_precision": "auto"},
+    OPENVINO_AUTO: {"openvino_precision": "auto"},
     "engine openvino (f32)": {"openvino_precision": "f32"},
 }
 ENGINE_VARIANTS = {
@@ -147,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
             runs[name].append(_child(kind, args, opts, package))
             print(f"round {r + 1}/{args.rounds} {name}: {statistics.median(runs[name][-1]['seconds']):.3f} s/image", flush=True)
 
-    base = statistics.median(t for run in runs[DIFFUSERS] for t in run["seconds"])
+    def median_seconds(name: str) -> float:
+        return statistics.median(t for run in runs[name] for t in run["seconds"])
+
+    base = median_seconds(DIFFUSERS)
     rows = []
     for name, rs in runs.items():
-        med = statistics.median(t for run in rs for t in run["seconds"])
+        med = median_seconds(name)
         rss = max(run["peak_rss_mib"] for run in rs)
         rows.append({"contender": name, "median_s_per_image": med, "ratio_vs_diffusers": med / base, "peak_rss_mib": rss})
     label = args.label or Path(args.package).parent.name
@@ -159,10 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'contender':<40} {'s/image':>9} {'x diffusers':>12} {'peak RSS MiB':>13}")
     for row in rows:
         print(f"{row['contender']:<40} {row['median_s_per_image']:>9.3f} {row['ratio_vs_diffusers']:>12.2f} {row['peak_rss_mib']:>13.0f}")
-    if DIFFUSERS_BF16 in runs and openvino:
-        bf16 = statistics.median(t for run in runs[DIFFUSERS_BF16] for t in run["seconds"])
-        ov = next(r["median_s_per_image"] for r in rows if r["contender"] == next(iter(OPENVINO_VARIANTS)))
-        print(f"same precision: engine openvino (auto) / diffusers bf16 = {ov / bf16:.2f}")
+    if DIFFUSERS_BF16 in runs and OPENVINO_AUTO in runs:
+        print(f"same precision: engine openvino (auto) / diffusers bf16 = "
+              f"{median_seconds(OPENVINO_AUTO) / median_seconds(DIFFUSERS_BF16):.2f}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"engine_vs_diffusers_{label}_{args.size}.json"
     out.write_text(json.dumps({

@@ -405,7 +405,7 @@ def run(args: argparse.Namespace) -> dict:
     from engine.manifest import read_manifest
     from engine.pipeline import Pipeline
     from engine.sessions import RuntimeOptions
-    from engine.shapes import parse_size
+    from engine.shapes import parse_size, render_size
 
     if args.package:
         package, checkpoint, label = Path(args.package), Path(args.checkpoint) if args.checkpoint else None, args.label
@@ -438,8 +438,6 @@ def run(args: argparse.Namespace) -> dict:
         log.info("engine %s: %d steps, %d timed image(s) after one warm-up", size, steps, repeats)
         result.engine = time_engine(pipe, width, height, steps, repeats)
     del pipe
-
-    from engine.shapes import render_size
 
     use_diffusers = not args.no_diffusers and checkpoint is not None and _torch_ready(device)
     if use_diffusers:
