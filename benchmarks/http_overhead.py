@@ -103,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.client.local import LocalWorkers
     from engine.client.pool import WorkerPool
-    from engine.client.types import GenerationParams
+    from engine.client.types import ImageRequest
     from engine.manifest import read_manifest
     from engine.pipeline import ImageRequest, Pipeline
 
     name = read_manifest(package).name
     pipe = Pipeline(package)
     request = ImageRequest(prompt=PROMPT, width=256, height=256, seed=7, steps=steps)
-    params = GenerationParams(model=name, prompt=PROMPT, width=256, height=256, seed=7, steps=steps)
+    params = ImageRequest(model=name, prompt=PROMPT, width=256, height=256, seed=7, steps=steps)
     body = {"model": "bench", "messages": [{"role": "user", "content": PROMPT}], "size": "256x256", "seed": 7, "steps": steps}
     times: dict[str, list[float]] = {"engine": [], "worker": [], "http": []}
 

@@ -62,7 +62,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def drive(pool, model: str, width: int, height: int, steps: int, concurrency: int, requests: int) -> dict:
     """`concurrency` clients each send their next request as soon as the last one is answered."""
-    from engine.client.types import GenerationParams
+    from engine.client.types import ImageRequest
 
     latencies: list[float] = []
     issued = 0
@@ -72,7 +72,7 @@ async def drive(pool, model: str, width: int, height: int, steps: int, concurren
         while issued < requests:
             k = issued
             issued += 1
-            params = GenerationParams(
+            params = ImageRequest(
                 model=model, prompt=PROMPTS[k % len(PROMPTS)], width=width, height=height, seed=1000 + k, steps=steps
             )
             start = time.perf_counter()

@@ -13,7 +13,8 @@ import msgspec
 from engine.errors import IncompatiblePackageError, PackageError
 
 # Bump when the engine can no longer run packages written by older exporters.
-FORMAT_VERSION = 1
+# 2: every package has a vae_encoder component (img2img, inpainting) and the UNet's input channels.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -63,7 +64,7 @@ class Manifest(msgspec.Struct, frozen=True):
     target: str  # cpu | cuda | tensorrt
     precision: str  # fp32 | fp16
     opset: int
-    components: dict[str, Component]  # text_encoder[, text_encoder_2], unet, vae_decoder
+    components: dict[str, Component]  # text_encoder[, text_encoder_2], unet, vae_encoder, vae_decoder
     tokenizers: list[TokenizerSpec]
     scheduler_config: dict
     vae_scaling_factor: float
@@ -75,6 +76,15 @@ class Manifest(msgspec.Struct, frozen=True):
     source_files: dict[str, str]  # relative path -> sha256
     tools: dict[str, str]  # versions of what made the package
     force_zeros_for_empty_prompt: bool = False  # SDXL: empty negative prompt -> zero embeddings
+    # What the UNet's `sample` takes: latent_channels, or 9 for an inpainting UNet (noisy latents,
+    # the mask at latent size, the masked image's latents, concatenated on the channel axis).
+    unet_in_channels: int = 4
+    # Per-channel latent statistics of VAEs whose config has them (latents_mean / latents_std):
+    # diffusers then encodes as (latents - mean) * scaling_factor / std and decodes the inverse.
+    # None: plain latents * scaling_factor.
+    vae_latents_mean: list[float] | None = None
+    vae_latents_std: list[float] | None = None
+    source_path: str | None = None  # the checkpoint folder it was exported from, to name in messages
     extra: dict = {}
 
 
@@ -92,11 +102,31 @@ def read_manifest(folder: Path) -> Manifest:
         raise PackageError(f"{path} is not valid JSON: {e}") from None
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != FORMAT_VERSION:
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            fix = "update Kiln to one that reads it, or re-export the checkpoint with this one: "
+        else:
+            fix = "re-export it with this version of Kiln: "
         raise IncompatiblePackageError(
             f"{folder} has package format {version}, this engine reads format {FORMAT_VERSION}: "
-            f"re-export it with this version of Kiln (`kiln export --force`)"
+            f"{fix}`{rebuild_command(Path(folder), raw if isinstance(raw, dict) else {})}`"
         )
     try:
         return msgspec.convert(raw, Manifest)
     except msgspec.ValidationError as e:
         raise PackageError(f"{path} does not describe a valid package: {e}") from None
+
+
+def rebuild_command(folder: Path, raw: dict) -> str:
+    """The `kiln export` command that rebuilds the package at `folder` (<name>/<target> under an
+    output root), from what its manifest, of whatever format, says about itself."""
+    target = raw.get("target") if isinstance(raw.get("target"), str) else folder.name
+    source = raw.get("source_path") if isinstance(raw.get("source_path"), str) else "<checkpoint folder>"
+    name = raw.get("name") if isinstance(raw.get("name"), str) else folder.parent.name
+    command = f"kiln export {source} --target {target} --out {folder.parent.parent}"
+    if source == "<checkpoint folder>" or Path(source).name != name:
+        command += f" --name {name}"
+    options = raw.get("extra", {}).get("export_options", {}) if isinstance(raw.get("extra"), dict) else {}
+    for option, flag in (("sizes", "--sizes"), ("batches", "--batch")):  # TensorRT's engines
+        if isinstance(options, dict) and isinstance(options.get(option), list) and options[option]:
+            command += f" {flag} {','.join(map(str, options[option]))}"
+    return command + " --force"

@@ -1,6 +1,8 @@
-"""Text-to-image with a model package: tokenize -> text encoder -> denoise -> VAE decode -> RGB.
+"""Text-to-image and edits with a model package: tokenize -> text encoder -> [VAE encode the input
+image] -> denoise -> VAE decode -> RGB [-> paste the kept region back].
 
-Built for step-level batching: `prepare` turns requests into independent `Sample`s, `denoise_step`
+Built for step-level batching: `prepare` turns requests into independent `Sample`s (n per
+request; edits start at a later step and may carry a mask, see engine/edits.py), `denoise_step`
 advances any set of samples of one latent shape by one step each with a single UNet call (every
 sample at its own step, with its own sampler, guidance and generator), `decode` turns finished
 samples into images. `generate` chains them for callers that want a plain function.
@@ -9,12 +11,14 @@ Seed -> latents rule (documented in the README; torch is not needed to reproduce
     rng = numpy.random.Generator(numpy.random.PCG64(seed))
     noise = rng.standard_normal((4, H/8, W/8), dtype=numpy.float32)
     latents = noise * plan.init_noise_sigma        # exactly diffusers' handling of given latents
-and every later random draw of that image (ancestral samplers) comes from the same `rng`.
+and every later random draw of that image (ancestral samplers) comes from the same `rng`, where
+image k of a request uses seed + k. Edits draw in the order engine/edits.py documents.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,25 +28,31 @@ import msgspec
 import numpy as np
 from PIL import Image
 
+from engine.edits import EditInput, EditState, latent_mask, latent_sample, read_edit_input
 from engine.errors import InvalidRequestError, KilnError, NonFiniteOutputError, PackageError
 from engine.guidance import apply_guidance
+from engine.image_input import feathered_paste, image_size
 from engine.manifest import Manifest, read_manifest
-from engine.request import MAX_STEPS, ImageRequest, validate_request
-from engine.samplers import get_sampler
+from engine.request import MAX_N, MAX_STEPS, ImageRequest, ModelLimits, edit_steps, validate_request
+from engine.samplers import SAMPLERS, get_sampler
 from engine.samplers.base import Sampler, SamplerPlan
 from engine.schedules import NoiseSchedule
 from engine.sessions import ComponentSessions, RuntimeOptions, check_provider
-from engine.shapes import check_size, latent_shape, render_size
+from engine.shapes import fit_size, latent_shape, parse_size, render_size
 from engine.tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
+
+
+DEFAULT_STRENGTH = 0.6  # edits without a strength; see the README (follow-up turns keep the layout)
 
 
 @dataclass
 class Sample:
     """One image in flight. Everything a denoising step needs, and nothing shared."""
 
-    request: ImageRequest
+    request: ImageRequest  # resolved: every default filled
+    index: int  # image k of its request, drawn with seed + k
     sampler: Sampler
     plan: SamplerPlan
     guidance_scale: float
@@ -51,13 +61,27 @@ class Sample:
     x: np.ndarray  # (C, h, w) float32 latents
     rng: np.random.Generator
     step: int = 0
+    start: int = 0  # the first step: 0, or later for an edit
+    edit: EditState | None = None
     state: Any = None
-    tag: Any = None  # the caller's handle (the worker keeps its request id here)
+    tag: Any = None  # the caller's handle (the worker keeps (job, image index) here)
     started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed + self.index
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.x.shape
+
+    @property
+    def steps_done(self) -> int:
+        return self.step - self.start
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.num_steps - self.start
 
     @property
     def done(self) -> bool:
@@ -116,8 +140,12 @@ class Pipeline:
             raise PackageError(f"{self.package}: {len(self.tokenizers)} tokenizers for {len(self.text_encoders)} text encoders")
         self.unet = self._component("unet")
         self.vae = self._component("vae_decoder")
+        self.vae_encoder = self._component("vae_encoder") if "vae_encoder" in m.components else None
         self.is_xl = m.family == "sdxl"
+        self.unet_in_channels = int(getattr(m, "unet_in_channels", m.latent_channels))
+        self.inpainting_unet = self.unet_in_channels > m.latent_channels
         self._plans: dict[tuple[str, int], SamplerPlan] = {}
+        self._blank_context: dict[tuple[int, ...], np.ndarray] = {}  # 9-channel UNets' text-to-image context
 
     # ---- what other runtimes replace (engine/openvino/, engine/cuda/, engine/tensorrt/) -----
 
@@ -139,19 +167,55 @@ class Pipeline:
 
     # ---- requests -> samples -------------------------------------------------------------
 
-    def resolve(self, req: ImageRequest) -> ImageRequest:
-        """Fill the package's defaults and validate; raises InvalidRequestError naming the param."""
+    def limits(self, max_n: int = MAX_N, max_batch: int = 1) -> ModelLimits:
+        """What this model accepts (a worker adds its own max_n and max_batch)."""
+        m = self.manifest
+        return ModelLimits(
+            name=m.name,
+            family=m.family,
+            default_size=m.sizes.default,
+            min_side=m.sizes.min_side,
+            max_side=m.sizes.max_side,
+            multiple_of=m.sizes.multiple_of,
+            default_steps=m.defaults.steps,
+            default_sampler=m.defaults.sampler,
+            default_guidance_scale=float(m.defaults.guidance_scale),
+            default_strength=DEFAULT_STRENGTH,
+            samplers=tuple(sorted(SAMPLERS)),
+            max_steps=self.max_steps,
+            max_n=max_n,
+            max_batch=max_batch,
+            edits=self.vae_encoder is not None,
+            inpainting_unet=self.inpainting_unet,
+        )
+
+    def resolve(self, req: ImageRequest, limits: ModelLimits | None = None) -> ImageRequest:
+        """Fill the package's defaults and validate; raises InvalidRequestError naming the param.
+        No model work: the input image's header is read for its size, its pixels are not decoded."""
+        limits = limits or self.limits()
+        validate_request(req, limits)
         d = self.manifest.defaults
+        width, height = req.width, req.height
+        if width is None:
+            if req.is_edit:
+                width, height = fit_size(*image_size(req.image, "image"), limits)
+            else:
+                width, height = parse_size(self.manifest.sizes.default)
         req = msgspec.structs.replace(
             req,
+            model=req.model or self.manifest.name,
+            width=width,
+            height=height,
+            seed=req.seed if req.seed is not None else secrets.randbits(62),
             steps=req.steps if req.steps is not None else d.steps,
             guidance_scale=req.guidance_scale if req.guidance_scale is not None else d.guidance_scale,
             guidance_rescale=req.guidance_rescale if req.guidance_rescale is not None else d.guidance_rescale,
             sampler=req.sampler or d.sampler,
+            strength=(req.strength if req.strength is not None else limits.default_strength) if req.is_edit else None,
         )
-        validate_request(req, self.max_steps)
-        check_size(req.width, req.height, self.manifest.sizes)
+        validate_request(req, limits)
         get_sampler(req.sampler)  # raises UnknownSamplerError listing the valid names
+        self.plan(req.sampler, req.steps)  # a sampler may refuse a step count (InvalidRequestError)
         return req
 
     def plan(self, sampler_name: str, steps: int) -> SamplerPlan:
@@ -195,12 +259,16 @@ class Pipeline:
         return result
 
     def prepare(self, requests: list[ImageRequest], tags: list[Any] | None = None) -> list[Sample]:
-        """Validate requests (all of them, before any work) and turn them into samples at step 0."""
+        """Validate requests (all of them, before any work) and turn each into its n samples.
+
+        Prompts are text-encoded in one batch; the input images of edits in one VAE-encoder
+        batch per drawn size. A sample's tag is (tags[request], image index)."""
         resolved = [self.resolve(r) for r in requests]
         embeddings = self.encode_prompts([r.prompt for r in resolved], [r.negative_prompt for r in resolved])
         m = self.manifest
+        edits = {i: read_edit_input(r, render_size(r.width, r.height, m.sizes)) for i, r in enumerate(resolved) if r.is_edit}
         samples = []
-        for k, (req, emb) in enumerate(zip(resolved, embeddings)):
+        for i, (req, emb) in enumerate(zip(resolved, embeddings)):
             draw_w, draw_h = render_size(req.width, req.height, m.sizes)
             shape = latent_shape(draw_w, draw_h, m.latent_channels, m.vae_scale_factor)
             if self.is_xl:
@@ -208,21 +276,133 @@ class Pipeline:
                 ids = np.array([req.height, req.width, 0, 0, req.height, req.width], dtype=np.float32)
                 emb["time_ids"] = np.stack([ids, ids])
             plan = self.plan(req.sampler, req.steps)
-            noise, rng = initial_noise(req.seed, shape)
-            samples.append(
-                Sample(
-                    request=req,
-                    sampler=get_sampler(req.sampler),
-                    plan=plan,
-                    guidance_scale=float(req.guidance_scale),
-                    guidance_rescale=float(req.guidance_rescale),
-                    embeddings=emb,
-                    x=noise * np.float32(plan.init_noise_sigma),
-                    rng=rng,
-                    tag=tags[k] if tags else None,
+            for k in range(req.n):
+                rng = np.random.Generator(np.random.PCG64(req.seed + k))
+                samples.append(
+                    Sample(
+                        request=req,
+                        index=k,
+                        sampler=get_sampler(req.sampler),
+                        plan=plan,
+                        guidance_scale=float(req.guidance_scale),
+                        guidance_rescale=float(req.guidance_rescale),
+                        embeddings=emb,
+                        x=np.empty(shape, np.float32),  # set below: noise, or the noised input
+                        rng=rng,
+                        tag=(tags[i], k) if tags else None,
+                    )
                 )
-            )
+        self._start(samples, edits)
         return samples
+
+    def _start(self, samples: list[Sample], edits: dict[int, EditInput]) -> None:
+        """Each sample's starting latents; edits' VAE encodings batched per drawn size."""
+        index_of: dict[int, int] = {}
+        for s in samples:
+            index_of.setdefault(id(s.request), len(index_of))
+        encoded = self._encode_inputs(samples, edits, index_of)
+        for s in samples:
+            edit = edits.get(index_of[id(s.request)])
+            if edit is None:
+                noise = s.rng.standard_normal(s.shape, dtype=np.float32)  # the documented seed rule
+                s.x = noise * np.float32(s.plan.init_noise_sigma)
+                continue
+            self._start_edit(s, edit, encoded[id(s)])
+
+    def _encode_inputs(
+        self, samples: list[Sample], edits: dict[int, EditInput], index_of: dict[int, int]
+    ) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+        """VAE-encoder parameters (2C, h, w) of each edit sample's input and masked input, one
+        encoder call per drawn size (the n images of a request share their request's rows)."""
+        rows: dict[tuple, list[np.ndarray]] = {}
+        where: dict[int, tuple[tuple, int, int | None]] = {}
+        for s in samples:
+            edit = edits.get(index_of[id(s.request)])
+            if edit is None:
+                continue
+            key = edit.pixels.shape
+            batch = rows.setdefault(key, [])
+            first = len(batch)
+            batch.append(edit.pixels)
+            second = None
+            if edit.mask_drawn is not None and self.inpainting_unet:
+                second = len(batch)
+                batch.append(edit.masked_pixels)
+            where[id(s)] = (key, first, second)
+        outputs = {key: self._vae_encode(np.stack(batch)) for key, batch in rows.items()}
+        return {
+            sid: (outputs[key][first], outputs[key][second] if second is not None else None)
+            for sid, (key, first, second) in where.items()
+        }
+
+    def _vae_encode(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) in [-1, 1] -> (B, 2C, H/8, W/8) latent distribution parameters."""
+        if self.vae_encoder is None:
+            raise InvalidRequestError(
+                f"{self.package} has no VAE encoder, so it cannot edit images; re-export it with this Kiln", param="image"
+            )
+        feeds = {"sample": pixels.astype(np.float32)}
+        (parameters,) = self.vae_encoder.run(feeds, self._dims("vae_encoder", feeds))
+        return parameters
+
+    def _dims(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+        """The values of a component's named dynamic axes for these feeds (its session's key)."""
+        dims = {}
+        for spec in self.manifest.components[component].inputs:
+            if spec.name in feeds:
+                for axis, dim in enumerate(spec.shape):
+                    if isinstance(dim, str):
+                        dims[dim] = int(feeds[spec.name].shape[axis])
+        return dims
+
+    def _scale_latents(self, sample: np.ndarray) -> np.ndarray:
+        """A VAE sample (C, h, w) -> the UNet's latent scale (SDXL-family VAEs may normalise per channel)."""
+        m = self.manifest
+        mean, std = getattr(m, "vae_latents_mean", None), getattr(m, "vae_latents_std", None)
+        if mean is not None and std is not None:
+            shape = (-1, 1, 1)
+            return ((sample - np.asarray(mean, np.float32).reshape(shape)) * np.float32(m.vae_scaling_factor)
+                    / np.asarray(std, np.float32).reshape(shape)).astype(np.float32)
+        return (sample * np.float32(m.vae_scaling_factor)).astype(np.float32)
+
+    def _start_edit(self, s: Sample, edit: EditInput, encoded: tuple[np.ndarray, np.ndarray | None]) -> None:
+        """Draws in the documented order (engine/edits.py), then the starting latents."""
+        params, masked_params = encoded
+        req = s.request
+        inpaint = edit.mask_drawn is not None
+        start, _ = edit_steps(req.steps, req.strength)
+        full_strength = req.strength >= 1.0
+        image_latents = None
+        if not (inpaint and self.inpainting_unet and full_strength):  # 1. the input's latent sample
+            image_latents = self._scale_latents(latent_sample(params, s.rng.standard_normal(s.shape, dtype=np.float32)))
+        noise = s.rng.standard_normal(s.shape, dtype=np.float32)  # 2. the starting noise
+        mask = unet_extra = None
+        if inpaint:
+            eps = s.rng.standard_normal(s.shape, dtype=np.float32)  # 3. the masked input's sample
+            mask = latent_mask(edit.mask_drawn, self.manifest.vae_scale_factor)  # (1, h, w)
+            if self.inpainting_unet:
+                masked = self._scale_latents(latent_sample(masked_params, eps))
+                unet_extra = np.concatenate([mask, masked]).astype(np.float32)  # (1 + C, h, w)
+        if inpaint and full_strength:
+            s.x = noise * np.float32(s.plan.init_noise_sigma)
+        else:
+            s.x = s.sampler.add_noise(image_latents, noise, s.plan, start)
+        s.step = s.start = start
+        s.edit = EditState(image_latents=image_latents, noise=noise, mask=mask, unet_extra=unet_extra, source=edit)
+
+    def _unet_context(self, s: Sample) -> np.ndarray:
+        """A 9-channel UNet's extra input (1 + C, h, w): the edit's, or for text-to-image "repaint
+        everything" with the latents of a blank image (the encoder's mean: nothing to sample)."""
+        if s.edit is not None and s.edit.unet_extra is not None:
+            return s.edit.unet_extra
+        blank = self._blank_context.get(s.shape)
+        if blank is None:
+            c, h, w = s.shape
+            scale = self.manifest.vae_scale_factor
+            params = self._vae_encode(np.zeros((1, 3, h * scale, w * scale), np.float32))[0]
+            mean = self._scale_latents(np.split(params, 2, axis=0)[0])
+            blank = self._blank_context[s.shape] = np.concatenate([np.ones((1, h, w), np.float32), mean])
+        return blank
 
     # ---- one denoising step for a set of samples ------------------------------------------
 
@@ -236,7 +416,9 @@ class Pipeline:
         rows_x, rows_t, picks = [], [], []
         slices = []
         for s in samples:
-            x_in = s.sampler.scale_model_input(s.x, s.plan, s.step)
+            x_in = s.sampler.scale_model_input(s.x, s.plan, s.step)  # (C, h, w)
+            if self.inpainting_unet:
+                x_in = np.concatenate([x_in, self._unet_context(s)])  # (2C + 1, h, w)
             t = np.float32(s.plan.timesteps[s.step])
             pick = [0, 1] if s.guided else [1]  # unguided samples skip the negative row
             picks.append(pick)
@@ -257,14 +439,29 @@ class Pipeline:
                 guided = out[start]
             s.x, s.state = s.sampler.step(s.x, guided.astype(np.float32), s.plan, s.step, s.state, s.rng)
             s.step += 1
+            if s.edit is not None and s.edit.mask is not None and not self.inpainting_unet:
+                s.x = self._keep_unmasked(s)
+
+    @staticmethod
+    def _keep_unmasked(s: Sample) -> np.ndarray:
+        """A plain UNet inpaints by resetting the kept region after every step to the input noised
+        to the next step's level (clean after the last): diffusers' StableDiffusionInpaintPipeline."""
+        edit = s.edit
+        kept = edit.image_latents
+        if s.step < s.plan.num_steps:
+            kept = s.sampler.add_noise(edit.image_latents, edit.noise, s.plan, s.step)
+        return ((1 - edit.mask) * kept + edit.mask * s.x).astype(np.float32)
 
     # ---- finished samples -> images ----------------------------------------------------
 
-    def decode(self, samples: list[Sample]) -> list[np.ndarray | KilnError]:
-        """Finished samples of one shape -> (H, W, 3) uint8 images, or an error per sample."""
+    def decode(self, samples: list[Sample], paste_back: bool = True) -> list[np.ndarray | KilnError]:
+        """Finished samples of one shape -> (H, W, 3) uint8 images, or an error per sample.
+
+        An inpainted image keeps the input outside its mask (`paste_back`, feathered over a few
+        pixels): the VAE round trip and a plain UNet's blending alter the kept region otherwise."""
         if not samples:
             return []
-        latents = np.stack([s.x for s in samples]) / np.float32(self.manifest.vae_scaling_factor)
+        latents = self._unscale_latents(np.stack([s.x for s in samples]))
         h, w = latents.shape[2:]
         (images,) = self.vae.run({"latent_sample": latents.astype(np.float32)}, {"latent_height": h, "latent_width": w})
         results: list[np.ndarray | KilnError] = []
@@ -272,7 +469,7 @@ class Pipeline:
             if not (np.isfinite(s.x).all() and np.isfinite(image).all()):
                 results.append(
                     NonFiniteOutputError(
-                        f"the model produced NaN/inf for seed {s.request.seed} at {s.request.width}x{s.request.height}; "
+                        f"the model produced NaN/inf for seed {s.seed} at {s.request.width}x{s.request.height}; "
                         f"the image was withheld (a package exported in fp16 may overflow: try fp32)"
                     )
                 )
@@ -281,8 +478,20 @@ class Pipeline:
             rgb = (pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)
             if rgb.shape[:2] != (s.request.height, s.request.width):  # drawn smaller: see render_size
                 rgb = np.asarray(Image.fromarray(rgb).resize((s.request.width, s.request.height), Image.LANCZOS))
+            if paste_back and s.edit is not None and s.edit.source.mask_full is not None:
+                rgb = feathered_paste(s.edit.source.original, rgb, s.edit.source.mask_full)
             results.append(rgb)
         return results
+
+    def _unscale_latents(self, latents: np.ndarray) -> np.ndarray:
+        """(B, C, h, w) UNet-scale latents -> what the VAE decoder takes (the inverse of _scale_latents)."""
+        m = self.manifest
+        mean, std = getattr(m, "vae_latents_mean", None), getattr(m, "vae_latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            return (latents * np.asarray(std, np.float32).reshape(shape) / np.float32(m.vae_scaling_factor)
+                    + np.asarray(mean, np.float32).reshape(shape)).astype(np.float32)
+        return latents / np.float32(m.vae_scaling_factor)
 
     # ---- all of it ---------------------------------------------------------------------
 
@@ -290,10 +499,12 @@ class Pipeline:
         self,
         requests: list[ImageRequest],
         on_step: Callable[[int, int], None] | None = None,
+        paste_back: bool = True,
     ) -> list[np.ndarray]:
-        """Make every request's image; samples of one shape share UNet calls. Raises on any error."""
+        """Make every request's n images, in order; samples of one shape share UNet calls.
+        Raises on any error."""
         samples = self.prepare(requests)
-        total = sum(s.plan.num_steps for s in samples)
+        total = sum(s.total_steps for s in samples)
         finished = 0
         by_shape: dict[tuple, list[Sample]] = {}
         for s in samples:
@@ -308,7 +519,7 @@ class Pipeline:
                 running = [s for s in running if not s.done]
         images: dict[int, np.ndarray] = {}
         for group in by_shape.values():
-            for s, result in zip(group, self.decode(group)):
+            for s, result in zip(group, self.decode(group, paste_back)):
                 if isinstance(result, KilnError):
                     raise result
                 images[id(s)] = result

@@ -7,7 +7,11 @@ import re
 from engine.errors import InvalidRequestError
 from engine.manifest import SizeLimits
 
-SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
+MIN_INPUT_SIDE = 16  # an input image smaller than this on a side has too little to edit
+
+# At most 6 digits a side: anything longer is refused here, before int() (Python refuses to parse
+# integers of over 4,300 digits, and no model draws a million pixels a side).
+SIZE_PATTERN = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
 
 
 def parse_size(text: str, param: str = "size") -> tuple[int, int]:
@@ -48,3 +52,31 @@ def render_size(width: int, height: int, limits: SizeLimits) -> tuple[int, int]:
         return width, height
     scale = cap / max(width, height)
     return (max(limits.min_side, round(width * scale / 8) * 8), max(limits.min_side, round(height * scale / 8) * 8))
+
+
+def fit_size(width: int, height: int, limits) -> tuple[int, int]:
+    """The size to draw an edit of a width x height input at, when the request names none: the
+    input's own size, scaled (aspect kept) so its longer side is at most the model's default size's
+    longer side (a 12-megapixel photo is edited at the model's native scale, not at max_side, where
+    an SD model tiles its subjects) and its shorter at least min_side, rounded to the multiple.
+    `limits`: anything with min_side, max_side, multiple_of, default_size (engine.request.ModelLimits).
+    Raises InvalidRequestError (param "image") for an input that no allowed size resembles."""
+    lo, k = limits.min_side, limits.multiple_of
+    hi = min(limits.max_side, max(parse_size(limits.default_size)))
+    if min(width, height) < MIN_INPUT_SIDE:
+        raise InvalidRequestError(
+            f"the image is {width}x{height}: too small to edit (at least {MIN_INPUT_SIDE} px a side)", param="image"
+        )
+    scale = 1.0
+    if max(width, height) > hi:
+        scale = hi / max(width, height)
+    if min(width, height) * scale < lo:
+        scale = lo / min(width, height)
+    w, h = (max(k, int(round(v * scale / k)) * k) for v in (width, height))
+    if min(w, h) < lo or max(w, h) > limits.max_side:
+        raise InvalidRequestError(
+            f"the image is {width}x{height}, an aspect ratio this model cannot draw (sides {lo}..{limits.max_side}); "
+            f"crop it, or pass a size",
+            param="image",
+        )
+    return w, h

@@ -1,7 +1,8 @@
 """Inspect a local diffusers checkpoint folder: which family it is, and what its files hash to.
 
-Only Stable Diffusion 1.x, 2.x (epsilon or v-prediction) and SDXL layouts are exported; anything
-else is refused with a message that says what was found, before any weight is loaded.
+Only Stable Diffusion 1.x, 2.x (epsilon or v-prediction) and SDXL layouts are exported, their
+inpainting checkpoints (a 9-channel UNet) included; anything else is refused with a message that
+says what was found, before any weight is loaded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from engine.errors import CheckpointError
 # model_index.json pipeline class -> Kiln model family.
 FAMILIES = {
     "StableDiffusionPipeline": "sd",
+    "StableDiffusionInpaintPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -66,7 +69,7 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
     if pipeline_class not in FAMILIES:
         raise CheckpointError(
             f"{path} is a {pipeline_class}; Kiln exports StableDiffusionPipeline (SD 1.x/2.x) "
-            f"and StableDiffusionXLPipeline (SDXL) checkpoints only"
+            f"and StableDiffusionXLPipeline (SDXL) checkpoints and their Inpaint variants only"
         )
     is_xl = FAMILIES[pipeline_class] == "sdxl"
     components = ("text_encoder", "text_encoder_2", "unet", "vae") if is_xl else ("text_encoder", "unet", "vae")

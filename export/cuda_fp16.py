@@ -12,7 +12,8 @@ Per component, as onnxruntime's own `optimize_pipeline.py` does for Stable Diffu
      t x frequency, and SDXL's time_ids) stay fp32, as diffusers computes them: in fp16, t = 999
      is only resolved to 0.5 before its sine is taken.
   3. Components that overflow in fp16 keep fp32 after fusion: the SDXL VAE decoder (its
-     activations exceed 65504 and the image goes black; onnxruntime's script does the same).
+     activations exceed 65504 and the image goes black; onnxruntime's script does the same) and
+     its encoder (diffusers upcasts the whole SDXL VAE, `force_upcast`, to encode as well).
      Anything else that overflows is caught at decode (NonFiniteOutputError), never returned.
 
 `derive_cuda_package` makes the same package from an exported cpu package's graphs without
@@ -35,7 +36,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Package component -> the optimiser's model_type.
-MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_decoder": "vae"}
+MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 # Fusions onnxruntime implements for CUDA only: off for a CPU-runnable graph (tests).
 GPU_ONLY_FUSIONS = (
     "enable_nhwc_conv",
@@ -51,8 +52,8 @@ TIME_INPUTS = ("timestep", "time_ids")
 
 
 def fp32_components(family: str) -> set[str]:
-    """Components kept fp32 in a cuda package of this family."""
-    return {"vae_decoder"} if family == "sdxl" else set()
+    """Components kept fp32 in a cuda (or tensorrt) package of this family."""
+    return {"vae_encoder", "vae_decoder"} if family == "sdxl" else set()
 
 
 def fusion_options(model_type: str, gpu: bool = True):

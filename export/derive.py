@@ -16,12 +16,23 @@ from typing import Callable
 import msgspec
 
 from engine.errors import PackageError
-from engine.manifest import Component, read_manifest, write_manifest
+from engine.manifest import Component, Manifest, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
 # (folder being assembled, its components) -> (rewritten components, what the rewrite did)
 Transform = Callable[[Path, dict[str, Component]], tuple[dict[str, Component], dict]]
+
+
+def _up_to_date(out: Path, target: str, source: Manifest) -> bool:
+    """Whether `out` was derived from `source`'s export; a package of another format is not."""
+    try:
+        existing = read_manifest(out)
+    except PackageError:  # missing, or of another format version: rebuilt
+        return False
+    return (existing.target, existing.source_digest, existing.tools.get("kiln-export")) == (
+        target, source.source_digest, source.tools.get("kiln-export")
+    )
 
 
 def derive_package(
@@ -39,13 +50,9 @@ def derive_package(
     if manifest.target != "cpu":
         raise PackageError(f"{cpu_package} is a {manifest.target} package; derive a {target} package from a cpu one")
     out = Path(out) if out else cpu_package.parent / target
-    if not force and (out / "manifest.json").is_file():
-        existing = read_manifest(out)
-        if (existing.target, existing.source_digest, existing.tools.get("kiln-export")) == (
-            target, manifest.source_digest, manifest.tools.get("kiln-export")
-        ):
-            log.info("%s is up to date with %s; use --force to rebuild", out, cpu_package)
-            return out
+    if not force and _up_to_date(out, target, manifest):
+        log.info("%s is up to date with %s; use --force to rebuild", out, cpu_package)
+        return out
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(cpu_package, tmp)

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 TARGETS = ("cpu", "openvino", "cuda", "tensorrt")
 # Bump when a change to the export code changes what a package holds, so that packages made
 # before it are rebuilt instead of reused.
-EXPORT_REVISION = "3"
+EXPORT_REVISION = "4"  # 4: the VAE encoder, unet_in_channels and the VAE latent statistics
 DEFAULT_OPSET = 17
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64"}
 # Native resolution per family: what sizes and defaults derive from.
@@ -147,6 +147,35 @@ def _kiln_hints(checkpoint: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
+def unet_in_channels(unet_config, latent_channels: int) -> int:
+    """The UNet's input channels: the latents', or 2 x those + 1 for an inpainting UNet."""
+    channels = int(unet_config.in_channels)
+    if channels not in (latent_channels, 2 * latent_channels + 1):
+        raise CheckpointError(
+            f"the UNet takes {channels} input channels; Kiln runs text-to-image UNets ({latent_channels}, the latents') "
+            f"and inpainting UNets ({2 * latent_channels + 1}: latents, mask, masked-image latents)"
+        )
+    return channels
+
+
+def vae_latent_stats(vae_config, family: str) -> tuple[list[float] | None, list[float] | None]:
+    """(latents_mean, latents_std) from the VAE config, where the family's diffusers pipelines use them.
+
+    diffusers' SDXL pipelines normalise latents per channel when the VAE config has both; its SD
+    1.x/2.x pipelines never read them, so neither does a Kiln package of those families.
+    """
+    mean, std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
+    if family != "sdxl" or mean is None or std is None:
+        return None, None
+    channels = int(vae_config.latent_channels)
+    if len(mean) != channels or len(std) != channels:
+        raise CheckpointError(
+            f"the VAE config's latents_mean ({len(mean)} values) and latents_std ({len(std)}) must have one value "
+            f"per latent channel ({channels})"
+        )
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
 def default_sampling(info: CheckpointInfo, scheduler: dict) -> Defaults:
     # Zero-terminal-SNR v-prediction models want trailing DDIM and guidance rescale (Lin et al. 2023).
     if scheduler.get("rescale_betas_zero_snr"):
@@ -196,9 +225,12 @@ def build_package(
             pipeline = DiffusionPipeline.from_pretrained(str(checkpoint))
         except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
             raise CheckpointError(f"diffusers could not load {checkpoint}: {e}") from None
+        vae_config = pipeline.vae.config
+        in_channels = unet_in_channels(pipeline.unet.config, int(vae_config.latent_channels))  # refuse before exporting
+        latents_mean, latents_std = vae_latent_stats(vae_config, info.family)
         stages.done()
 
-        stages.start("export text encoder(s), UNet and VAE decoder to ONNX (optimum)")
+        stages.start("export text encoder(s), UNet and VAE encoder and decoder to ONNX (optimum)")
         from export.onnx_export import export_components
 
         onnx_paths = export_components(pipeline, tmp, opset)
@@ -223,7 +255,6 @@ def build_package(
 
         stages.start("manifest")
         scheduler = json.loads((info.path / "scheduler" / "scheduler_config.json").read_text())
-        vae_config = pipeline.vae.config
         native = NATIVE_SIDE[info.family]
         if info.family != "sdxl" and getattr(pipeline.unet.config, "sample_size", None):
             native = int(pipeline.unet.config.sample_size) * 8 if pipeline.unet.config.sample_size >= 32 else native
@@ -250,6 +281,10 @@ def build_package(
             source_files=info.file_hashes,
             tools={**tool_versions(), "kiln-export": EXPORT_REVISION},
             force_zeros_for_empty_prompt=bool(getattr(pipeline.config, "force_zeros_for_empty_prompt", False)),
+            unet_in_channels=in_channels,
+            vae_latents_mean=latents_mean,
+            vae_latents_std=latents_std,
+            source_path=str(info.path.resolve()),
             extra={**result.extra, **({"export_options": target_options.recorded()} if target_options.recorded() else {})},
         )
         from export.targets import finish_for_target

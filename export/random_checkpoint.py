@@ -3,7 +3,9 @@
 No weights can be downloaded here, so timing, memory and export checks run on the real Stable
 Diffusion architectures (`export/architectures/{sd15,sd21,sdxl}`, the published configs) or on
 tiny ones (`tests/assets/tiny/*`) filled with seeded random weights. Timing does not depend on
-weight values; the default initialisation is far from zero, so nothing is timed on zeros.
+weight values; the default initialisation is far from zero, so nothing is timed on zeros. A UNet
+config with 2 x latent_channels + 1 input channels makes an inpainting checkpoint (the Inpaint
+pipeline class in model_index.json, as published inpainting checkpoints have).
 
     python -m export.random_checkpoint export/architectures/sd15 build/checkpoints/sd15-random
 """
@@ -48,7 +50,9 @@ def build_random_checkpoint(architecture: Path, out: Path, seed: int = 0) -> Pat
         AutoencoderKL,
         DDIMScheduler,
         EulerDiscreteScheduler,
+        StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
+        StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
@@ -65,9 +69,10 @@ def build_random_checkpoint(architecture: Path, out: Path, seed: int = 0) -> Pat
     scheduler_cls = EulerDiscreteScheduler if "Euler" in scheduler_config.get("_class_name", "") else DDIMScheduler
     scheduler = scheduler_cls.from_config(scheduler_config)
     is_xl = (architecture / "text_encoder_2").is_dir()
+    inpaint = unet.config.in_channels == 2 * vae.config.latent_channels + 1
     if is_xl:
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder_2")))
-        pipe = StableDiffusionXLPipeline(
+        pipe = (StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline)(
             vae=vae,
             text_encoder=text_encoder,
             text_encoder_2=text_encoder_2,
@@ -79,7 +84,7 @@ def build_random_checkpoint(architecture: Path, out: Path, seed: int = 0) -> Pat
     else:
         # SD 2.x pads with "!" (id 0), SD 1.x with the end-of-text token; hidden_act tells them apart.
         pad = "!" if config("text_encoder").get("hidden_act") == "gelu" else "<|endoftext|>"
-        pipe = StableDiffusionPipeline(
+        pipe = (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=_clip_tokenizer(pad),
@@ -91,7 +96,7 @@ def build_random_checkpoint(architecture: Path, out: Path, seed: int = 0) -> Pat
         )
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    log.info("wrote a random-weight %s checkpoint to %s", "SDXL" if is_xl else "SD", out)
+    log.info("wrote a random-weight %s%s checkpoint to %s", "SDXL" if is_xl else "SD", " inpainting" if inpaint else "", out)
     return out
 
 

@@ -37,6 +37,7 @@ from engine.tensorrt.cache import (
     gpu_identity,
 )
 from engine.tensorrt.profiles import BatchRange, Profile, component_profiles, engine_sizes
+from export.cuda_fp16 import fp32_components
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def plan_engines(
         width, height = parse_size(size, param="SIZES")
         check_size(width, height, manifest.sizes, param="SIZES")
     sequence_length = max(t.max_length for t in manifest.tokenizers)
-    fp32 = {"vae_decoder"} if manifest.family == "sdxl" else set()  # SDXL's VAE overflows fp16
+    fp32 = fp32_components(manifest.family)  # SDXL's VAE overflows fp16
     planned = []
     for name, component in manifest.components.items():
         for size in engine_sizes(name, sizes):

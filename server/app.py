@@ -42,7 +42,7 @@ def create_app(config: Config, engine: EnginePort, *, close_engine: bool = False
     store = ImageStore(config.images.dir, config.images.ttl_minutes * 60.0, config.public_url)
     registry = ModelRegistry(config, engine)
     generator = Generator(config, engine, store, metrics)
-    chat_service = ChatService(registry, generator, metrics)
+    chat_service = ChatService(registry, generator, metrics, store)
     images_service = ImagesService(registry, generator, metrics, default_model=config.models[0].name)
 
     @asynccontextmanager
@@ -69,6 +69,8 @@ def create_app(config: Config, engine: EnginePort, *, close_engine: bool = False
         route_handlers=[
             chat.chat_completions,
             images.create_images,
+            images.edit_images,
+            images.image_variations,
             images.image_file,
             models.list_models,
             models.retrieve_model,

@@ -32,7 +32,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Base of hosted image URLs, e.g. "https://kiln.example.com" behind a reverse proxy.
     # Empty: http://<host>:<port>.
     public_url: str = ""
-    max_body_bytes: int = 1_048_576
+    max_body_bytes: int = 33_554_432  # 32 MiB: edits upload pictures (OpenAI allows 50 MB for gpt-image)
     # Paths served without an API key.
     open_paths: list[str] = msgspec.field(default_factory=lambda: ["/health", "/ready", "/metrics", "/schema"])
     log_level: str = "info"

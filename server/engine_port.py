@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from engine.client.types import GenerationParams, GenerationResult, ModelInfo, ProgressCallback
+from engine.client.types import ImageRequest, GenerationResult, ModelLimits, ProgressCallback
 
 
 @runtime_checkable
 class EnginePort(Protocol):
     async def generate(
         self,
-        params: GenerationParams,
+        params: ImageRequest,
         *,
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
@@ -25,7 +25,7 @@ class EnginePort(Protocol):
         """Make `params.n` images; cancelling the awaiting task cancels the work in the worker."""
         ...
 
-    async def models(self) -> list[ModelInfo]:
+    async def models(self) -> list[ModelLimits]:
         """The models the ready workers serve (worker-side names)."""
         ...
 

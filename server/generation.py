@@ -3,6 +3,7 @@
 Token accounting (documented in the README): an image costs ceil(W/64) * ceil(H/64) completion
 tokens, one per 64x64 tile -- 16 at 256x256, 64 at 512x512, 256 at 1024x1024, 448 at 1792x1024.
 The closing text part is free. `max_tokens` below the images' cost is refused before any work.
+An edit's input picture adds the same count, at the edited size, to the prompt tokens.
 
 Seeds: an explicit `seed` wins; otherwise `temperature: 0` derives one from the request (same
 request, same image) and any other temperature draws a random one. Image k uses seed + k.
@@ -21,9 +22,11 @@ from typing import Any, Awaitable, Callable, TypeVar
 import anyio
 import msgspec
 
-from engine.client.types import GenerationParams, GenerationResult, ProgressCallback
+from engine.client.types import GenerationResult, ProgressCallback
 from engine.errors import InvalidRequestError, QueueFullError, WorkerUnavailableError
-from engine.shapes import parse_size
+from engine.image_input import image_size
+from engine.request import ImageRequest, allowed_sizes_text, size_fits, validate_request
+from engine.shapes import fit_size, parse_size
 from server.config import Config
 from server.engine_port import EnginePort
 from server.errors import BadRequestError, ClientDisconnectedError
@@ -33,7 +36,6 @@ from server.models_registry import ResolvedModel
 
 log = logging.getLogger("kiln.server.generation")
 
-SEED_SIZES = ("256x256", "512x512", "1024x1024", "1792x1024", "1024x1792")  # the contract's sizes
 TILE = 64
 T = TypeVar("T")
 
@@ -45,12 +47,18 @@ def image_tokens(width: int, height: int) -> int:
 
 class ImageJob(msgspec.Struct, frozen=True):
     model: str  # the name the request used (echoed in responses)
-    params: GenerationParams
+    params: ImageRequest
     response_format: str  # "url" | "b64_json"
 
     @property
     def completion_tokens(self) -> int:
         return self.params.n * image_tokens(self.params.width, self.params.height)
+
+    @property
+    def input_image_tokens(self) -> int:
+        """An edit's input picture counts as prompt tokens at the edited size, by the same tile
+        rule as the images made (the mask is free): 16 for a 256x256 edit."""
+        return image_tokens(self.params.width, self.params.height) if self.params.is_edit else 0
 
 
 def derived_seed(params: dict[str, Any]) -> int:
@@ -59,36 +67,31 @@ def derived_seed(params: dict[str, Any]) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def allowed_sizes_text(model: ResolvedModel) -> str:
-    lo, hi, k = model.info.min_side, model.max_side, model.info.multiple_of
-    fixed = [s for s in SEED_SIZES if all(lo <= int(v) <= hi and int(v) % k == 0 for v in s.split("x"))]
-    any_size = f"any WIDTHxHEIGHT with both sides multiples of {k} between {lo} and {hi}"
-    return (", ".join(fixed) + ", or " + any_size) if fixed else any_size
-
-
-def resolve_size(size: str | None, model: ResolvedModel) -> tuple[int, int]:
-    """The request's size (or the model's default) as (width, height), or a 400 naming `size`."""
+def resolve_size(size: str | None, model: ResolvedModel, image: bytes | None = None, image_param: str = "image") -> tuple[int, int]:
+    """The request's size as (width, height), or a 400 naming `size`. Without one: an edit's
+    input's own size fitted to the model (engine.shapes.fit_size), else the configured default."""
+    limits = model.limits
     if size is None:
-        for candidate in (model.config.default_size, model.info.default_size):
+        if image is not None:
+            try:
+                return fit_size(*image_size(image, image_param), limits)
+            except InvalidRequestError as e:
+                raise BadRequestError(str(e), param=image_param if e.param == "image" else e.param) from None
+        for candidate in (model.config.default_size, limits.default_size):
             w, h = parse_size(candidate)
-            if _fits(w, h, model):
+            if size_fits(w, h, limits):
                 return w, h
         raise BadRequestError(f"model '{model.requested}' has no usable default size; pass size", param="size")
     try:
         w, h = parse_size(size)
     except InvalidRequestError:
         w = h = -1
-    if not _fits(w, h, model):
+    if not size_fits(w, h, limits):
         raise BadRequestError(
-            f"size {size!r} is not supported by model '{model.requested}'; use {allowed_sizes_text(model)}",
+            f"size {size[:40]!r} is not supported by model '{model.requested}'; use {allowed_sizes_text(limits)}",
             param="size",
         )
     return w, h
-
-
-def _fits(w: int, h: int, model: ResolvedModel) -> bool:
-    lo, hi, k = model.info.min_side, model.max_side, model.info.multiple_of
-    return all(lo <= v <= hi and v % k == 0 for v in (w, h))
 
 
 class Generator:
@@ -112,23 +115,17 @@ class Generator:
         sampler: str | None,
         response_format: str | None,
         preview_every: int = 0,
+        image: bytes | None = None,
+        mask: bytes | None = None,
+        strength: float | None = None,
+        image_param: str = "image",
     ) -> ImageJob:
-        limits = self.config.limits
-        if not prompt.strip():
-            raise BadRequestError("the prompt is empty: describe the image to generate", param="prompt")
-        if len(prompt) > limits.max_prompt_chars:
-            raise BadRequestError(
-                f"the prompt has {len(prompt)} characters; this server accepts at most {limits.max_prompt_chars}",
-                param="prompt",
-            )
-        n = 1 if n is None else n
-        if not (1 <= n <= limits.max_n):
-            raise BadRequestError(f"n must be between 1 and {limits.max_n}, got {n}", param="n")
-        if steps is not None and not (1 <= steps <= limits.max_steps):
-            raise BadRequestError(f"steps must be between 1 and {limits.max_steps}, got {steps}", param="steps")
+        """Everything checked before any work, by the same `validate_request` the workers run,
+        against their limits (capped by this server's configuration)."""
         if sampler is not None and not sampler.strip():
             raise BadRequestError("sampler is empty: leave it out for the model's default", param="sampler")
-        width, height = resolve_size(size, model)
+        width, height = resolve_size(size, model, image, image_param)
+        n = 1 if n is None else n
         steps = steps if steps is not None else model.config.default_steps
         content = {
             "model": model.config.worker_model,
@@ -138,11 +135,14 @@ class Generator:
             "steps": steps,
             "guidance_scale": guidance_scale,
             "sampler": sampler,
+            "image": hashlib.sha256(image).hexdigest() if image is not None else None,
+            "mask": hashlib.sha256(mask).hexdigest() if mask is not None else None,
+            "strength": strength,
         }
         if seed is None:
             seed = derived_seed(content) if temperature == 0 else secrets.randbits(63)
         seed = min(seed, 2**63 - 1 - n)  # image k uses seed + k
-        params = GenerationParams(
+        params = ImageRequest(
             model=model.config.worker_model,
             prompt=prompt,
             width=width,
@@ -154,7 +154,15 @@ class Generator:
             guidance_scale=guidance_scale,
             sampler=sampler,
             preview_every=preview_every,
+            image=image,
+            mask=mask,
+            strength=strength,
         )
+        try:
+            validate_request(params, model.limits)
+        except InvalidRequestError as e:
+            param = image_param if e.param == "image" else e.param
+            raise BadRequestError(str(e), param=param) from None
         return ImageJob(model=model.requested, params=params, response_format=response_format or self.config.images.response_format)
 
     async def run(self, job: ImageJob, on_progress: ProgressCallback | None = None) -> GenerationResult:

@@ -10,8 +10,9 @@ from server.auth import OPEN_OPT
 from server.images_store import ROUTE as FILES_ROUTE
 from server.images_store import ImageStore
 from server.openapi_docs import ERROR_RESPONSES, error_spec
+from server.forms import read_form
 from server.validation import strict_body
-from server.protocol import ImageGenerationRequest, ImagesResponse
+from server.protocol import ImageEditRequest, ImageGenerationRequest, ImagesResponse, ImageVariationRequest
 from server.serving_images import ImagesService
 
 
@@ -25,6 +26,35 @@ from server.serving_images import ImagesService
 )
 async def create_images(data: ImageGenerationRequest, request: Request, images: ImagesService) -> Response:
     return Response(await images.generate(data, request.receive), media_type="application/json")
+
+
+@post(
+    "/v1/images/edits",
+    status_code=200,
+    summary="Edit a picture: img2img, or inpainting with a mask (OpenAI Images API, multipart/form-data)",
+    description=(
+        "Fields: image (a file; or image[] holding one), prompt, mask (a PNG: fully transparent pixels are repainted; "
+        "without alpha, white = repaint), model, n, size (default: the input's size), response_format; "
+        "Kiln's strength, seed, steps, guidance_scale, negative_prompt, sampler."
+    ),
+    responses={200: ResponseSpec(ImagesResponse, description="The edited images"), **ERROR_RESPONSES},
+    tags=["images"],
+)
+async def edit_images(request: Request, images: ImagesService) -> Response:
+    data = await read_form(request, ImageEditRequest)
+    return Response(await images.edit(data, request.receive), media_type="application/json")
+
+
+@post(
+    "/v1/images/variations",
+    status_code=200,
+    summary="Variations of a picture: img2img with no prompt (OpenAI Images API, multipart/form-data)",
+    responses={200: ResponseSpec(ImagesResponse, description="The variations"), **ERROR_RESPONSES},
+    tags=["images"],
+)
+async def image_variations(request: Request, images: ImagesService) -> Response:
+    data = await read_form(request, ImageVariationRequest)
+    return Response(await images.variation(data, request.receive), media_type="application/json")
 
 
 @get(

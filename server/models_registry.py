@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from engine.client.types import ModelInfo
+from engine.client.types import ModelLimits
 from engine.errors import WorkerUnavailableError
 from server.config import Config, ModelConfig
 from server.engine_port import EnginePort
@@ -16,17 +16,13 @@ log = logging.getLogger("kiln.server.models")
 
 
 class ResolvedModel:
-    """A request's model: the name it used, the configured entry, and the workers' limits for it."""
+    """A request's model: the name it used, the configured entry, and the limits to enforce: the
+    workers' own (ModelMetadata), lowered where this front end's configuration says less."""
 
-    __slots__ = ("requested", "config", "info")
+    __slots__ = ("requested", "config", "limits")
 
-    def __init__(self, requested: str, config: ModelConfig, info: ModelInfo):
-        self.requested, self.config, self.info = requested, config, info
-
-    @property
-    def max_side(self) -> int:
-        cap = self.config.max_side
-        return min(self.info.max_side, cap) if cap else self.info.max_side
+    def __init__(self, requested: str, config: ModelConfig, limits: ModelLimits):
+        self.requested, self.config, self.limits = requested, config, limits
 
 
 class ModelRegistry:
@@ -37,7 +33,8 @@ class ModelRegistry:
         for m in config.models:
             for name in (m.name, *m.aliases):
                 self._by_name[name] = m
-        self._info: dict[str, ModelInfo] = {}
+        self._info: dict[str, ModelLimits] = {}
+        self._caps = config.limits
         self._created = int(time.time())
 
     def names(self) -> list[str]:
@@ -67,7 +64,11 @@ class ModelRegistry:
         info = self._info.get(config.worker_model)
         if info is None:
             raise WorkerUnavailableError(f"no ready worker serves model '{name}' ({config.worker_model}) right now")
-        return ResolvedModel(name, config, info)
+        caps = self._caps
+        limits = info.capped(
+            max_n=caps.max_n, max_steps=caps.max_steps, max_prompt_chars=caps.max_prompt_chars, max_side=config.max_side
+        )
+        return ResolvedModel(name, config, limits)
 
     def listing(self) -> ModelList:
         return ModelList(data=[Model(id=name, created=self._created) for name in self._by_name])

@@ -17,6 +17,10 @@ Seed = Annotated[int, Meta(ge=0, le=2**63 - 1, description="Seed of the first im
 Steps = Annotated[int, Meta(ge=1, le=150, description="Denoising steps (default: the model's).")]
 Guidance = Annotated[float, Meta(ge=0, le=50, description="Classifier-free guidance scale.")]
 Count = Annotated[int, Meta(ge=1, description="Number of images (1..limits.max_n).")]
+Strength = Annotated[
+    float,
+    Meta(gt=0, le=1, description="Edits: the share of the denoising schedule re-run on the input, (0, 1]; low keeps more of it."),
+]
 Size = Annotated[str, Meta(description="WIDTHxHEIGHT, e.g. 1024x1024; see the error message for what a model allows.")]
 
 
@@ -76,6 +80,7 @@ class ChatCompletionRequest(msgspec.Struct):
     guidance_scale: Guidance | None = None
     sampler: str | None = None
     preview_every: Annotated[int, Meta(ge=0, le=1000)] | None = None  # stream: a JPEG preview every k steps
+    strength: Strength | None = None  # an edit's strength (a conversation with a picture in it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +193,49 @@ class ImageGenerationRequest(msgspec.Struct):
     steps: Steps | None = None
     guidance_scale: Guidance | None = None
     sampler: str | None = None
+
+
+class ImageEditRequest(msgspec.Struct):
+    """`POST /v1/images/edits`, multipart/form-data as the openai client sends it.
+
+    `image` holds the files sent as `image` or `image[]` (this model family edits one). The
+    gpt-image fields `background`, `quality`, `input_fidelity`, `output_format`, `user` are
+    accepted and have no effect: the answer is a PNG."""
+
+    image: list[bytes]
+    prompt: str = ""
+    mask: bytes | None = None
+    model: str | None = None
+    n: Count | None = None
+    size: Size | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    background: str | None = None
+    quality: str | None = None
+    input_fidelity: str | None = None
+    output_format: str | None = None
+    user: str | None = None
+    stream: bool | None = None
+    seed: Seed | None = None
+    negative_prompt: str | None = None
+    steps: Steps | None = None
+    guidance_scale: Guidance | None = None
+    sampler: str | None = None
+    strength: Strength | None = None
+
+
+class ImageVariationRequest(msgspec.Struct):
+    """`POST /v1/images/variations` (multipart/form-data): img2img of `image` with no prompt."""
+
+    image: list[bytes]
+    model: str | None = None
+    n: Count | None = None
+    size: Size | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    user: str | None = None
+    seed: Seed | None = None
+    steps: Steps | None = None
+    sampler: str | None = None
+    strength: Strength | None = None
 
 
 class ImageData(msgspec.Struct):

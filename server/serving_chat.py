@@ -1,8 +1,9 @@
 """`POST /v1/chat/completions`: the seed contract's image generation through chat messages.
 
-The prompt is the last user message (a string, or its text parts joined by newlines); earlier
-turns and system messages are accepted and do not change the image. The answer is one choice whose
-content is the n `image_url` parts followed by one `text` part.
+The prompt is the last user message; a picture in the conversation (attached to that message, or
+the last one of the history) is edited instead of drawing from scratch: see server/conversation.py
+for the rules. The answer is one choice whose content is the n `image_url` parts followed by one
+`text` part.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import secrets
 import time
 from typing import Awaitable, Callable
 
+from server.conversation import read_conversation
+from server.edit_inputs import check_edit_inputs, image_from_url
 from server.errors import BadRequestError
 from server.generation import Generator, ImageJob, cancel_on_disconnect, image_tokens
+from server.images_store import ImageStore
 from server.metrics import Metrics
 from server.models_registry import ModelRegistry
 from server.protocol import (
@@ -20,10 +24,8 @@ from server.protocol import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
-    ChatMessage,
     ImageUrlContent,
     ImageUrlOut,
-    ImageUrlPart,
     ResponseFormatObject,
     TextContent,
     Usage,
@@ -32,29 +34,6 @@ from server.streaming import ChatStream
 
 ROUTE = "/v1/chat/completions"
 Receive = Callable[[], Awaitable[dict]]
-
-
-def prompt_of(messages: list[ChatMessage]) -> str:
-    """The last user message's text."""
-    for i in range(len(messages) - 1, -1, -1):
-        message = messages[i]
-        if message.role != "user":
-            continue
-        content = message.content
-        if isinstance(content, str):
-            return content
-        if not content:
-            raise BadRequestError("the last user message has no content: describe the image", param=f"messages[{i}].content")
-        texts = []
-        for j, part in enumerate(content):
-            if isinstance(part, ImageUrlPart):
-                raise BadRequestError(
-                    "image inputs are not supported: describe the image to generate in text",
-                    param=f"messages[{i}].content[{j}]",
-                )
-            texts.append(part.text)
-        return "\n".join(texts)
-    raise BadRequestError("messages has no user message: the prompt is the last message with role 'user'", param="messages")
 
 
 def image_format(value: str | ResponseFormatObject | None) -> str | None:
@@ -72,19 +51,27 @@ def image_format(value: str | ResponseFormatObject | None) -> str | None:
     )
 
 
-def closing_text(prompt: str, n: int) -> str:
+def closing_text(prompt: str, n: int, edited: bool = False) -> str:
     subject = prompt if len(prompt) <= 200 else prompt[:197] + "..."
-    return f"Here is the generated image of: {subject}" if n == 1 else f"Here are the {n} generated images of: {subject}"
+    made = "edited" if edited else "generated"
+    if not subject.strip():
+        return f"Here is the {made} image." if n == 1 else f"Here are the {n} {made} images."
+    return f"Here is the {made} image of: {subject}" if n == 1 else f"Here are the {n} {made} images of: {subject}"
 
 
 class ChatService:
-    def __init__(self, registry: ModelRegistry, generator: Generator, metrics: Metrics):
-        self.registry, self.generator, self.metrics = registry, generator, metrics
+    def __init__(self, registry: ModelRegistry, generator: Generator, metrics: Metrics, store: ImageStore):
+        self.registry, self.generator, self.metrics, self.store = registry, generator, metrics, store
 
     async def prepare(self, req: ChatCompletionRequest) -> tuple[ImageJob, str]:
         """Validate everything before any work: the job, and the prompt it was made from."""
         model = await self.registry.resolve(req.model)
-        prompt = prompt_of(req.messages)
+        ask = read_conversation(req.messages)
+        prompt, image, image_param = ask.prompt, None, "image"
+        if ask.picture is not None:
+            image_param = ask.picture.param
+            image = await image_from_url(ask.picture.url, self.store, image_param)
+            await check_edit_inputs(image, None, image_param)
         job = self.generator.job(
             model=model,
             prompt=prompt,
@@ -98,6 +85,10 @@ class ChatService:
             sampler=req.sampler,
             response_format=image_format(req.response_format),
             preview_every=(req.preview_every or 0) if req.stream else 0,
+            image=image,
+            # strength is an edit's setting; a conversation without a picture draws from scratch
+            strength=req.strength if image is not None else None,
+            image_param=image_param,
         )
         param, limit = (
             ("max_completion_tokens", req.max_completion_tokens)
@@ -119,16 +110,17 @@ class ChatService:
         result = await cancel_on_disconnect(self.generator.run(job), receive, self.metrics, ROUTE)
         urls = await self.generator.publish(result.images_png, job.response_format)
         content: list[ImageUrlContent | TextContent] = [ImageUrlContent(image_url=ImageUrlOut(url=u)) for u in urls]
-        content.append(TextContent(text=closing_text(prompt, job.params.n)))
+        content.append(TextContent(text=closing_text(prompt, job.params.n, job.params.is_edit)))
+        prompt_tokens = result.prompt_tokens + job.input_image_tokens
         return ChatCompletion(
             id=new_id(),
             created=int(time.time()),
             model=req.model,
             choices=[ChatChoice(message=AssistantMessage(content=content))],
             usage=Usage(
-                prompt_tokens=result.prompt_tokens,
+                prompt_tokens=prompt_tokens,
                 completion_tokens=job.completion_tokens,
-                total_tokens=result.prompt_tokens + job.completion_tokens,
+                total_tokens=prompt_tokens + job.completion_tokens,
             ),
             seeds=list(result.seeds),
         )
@@ -143,7 +135,7 @@ class ChatService:
             metrics=self.metrics,
             completion_id=new_id(),
             model=req.model,
-            text=closing_text(prompt, job.params.n),
+            text=closing_text(prompt, job.params.n, job.params.is_edit),
             include_usage=include_usage,
             request_id=request_id,
         )

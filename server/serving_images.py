@@ -1,7 +1,15 @@
-"""`POST /v1/images/generations`: the OpenAI Images API on the same engine.
+"""The OpenAI Images API on the same engine: generations, edits and variations.
 
-`quality`, `style` and `user` are accepted and have no effect. There is no temperature here: the
-seed is random unless the request gives one (Kiln's `seed` extension).
+`quality`, `style`, `background`, `input_fidelity`, `output_format` and `user` are accepted and
+have no effect (the answer is a PNG). There is no temperature here: the seed is random unless the
+request gives one (Kiln's `seed` extension).
+
+Edits (`/v1/images/edits`): one input picture (`image`, or `image[]` holding one); `mask` by
+OpenAI's rule (a PNG whose fully transparent pixels are repainted) or, without an alpha channel,
+white = repaint; without a mask, an input with transparent pixels is inpainted there (OpenAI's
+rule again), else the whole picture is redrawn at `strength` (img2img). `size` defaults to the
+input's own size fitted to the model. Variations (`/v1/images/variations`): img2img of the picture
+with no prompt at VARIATION_STRENGTH.
 """
 
 from __future__ import annotations
@@ -10,12 +18,19 @@ import base64
 import time
 from typing import Awaitable, Callable
 
-from server.generation import Generator, cancel_on_disconnect
+from server.edit_inputs import check_edit_inputs
+from server.errors import BadRequestError
+from server.generation import Generator, ImageJob, cancel_on_disconnect
 from server.metrics import Metrics
 from server.models_registry import ModelRegistry
-from server.protocol import ImageData, ImageGenerationRequest, ImagesResponse
+from server.protocol import ImageData, ImageEditRequest, ImageGenerationRequest, ImagesResponse, ImageVariationRequest
 
 ROUTE = "/v1/images/generations"
+EDITS_ROUTE = "/v1/images/edits"
+VARIATIONS_ROUTE = "/v1/images/variations"
+# A variation keeps the picture's layout and colours and redraws its details: at 0.7 of the
+# schedule the bundled model keeps the composition (engine/edits.py; README "Editing").
+VARIATION_STRENGTH = 0.7
 Receive = Callable[[], Awaitable[dict]]
 
 
@@ -39,7 +54,57 @@ class ImagesService:
             sampler=req.sampler,
             response_format=req.response_format,
         )
-        result = await cancel_on_disconnect(self.generator.run(job), receive, self.metrics, ROUTE)
+        return await self._answer(job, receive, ROUTE)
+
+    async def edit(self, req: ImageEditRequest, receive: Receive) -> ImagesResponse:
+        if req.stream:
+            raise BadRequestError(
+                "streaming edits are not served on this route: stream an edit through /v1/chat/completions", param="stream"
+            )
+        image = _one_image(req.image)
+        model = await self.registry.resolve(req.model or self.default_model)
+        await check_edit_inputs(image, req.mask, "image")
+        job = self.generator.job(
+            model=model,
+            prompt=req.prompt,
+            size=req.size,
+            n=req.n,
+            temperature=None,
+            seed=req.seed,
+            negative_prompt=req.negative_prompt,
+            steps=req.steps,
+            guidance_scale=req.guidance_scale,
+            sampler=req.sampler,
+            response_format=req.response_format,
+            image=image,
+            mask=req.mask,
+            strength=req.strength,
+        )
+        return await self._answer(job, receive, EDITS_ROUTE)
+
+    async def variation(self, req: ImageVariationRequest, receive: Receive) -> ImagesResponse:
+        image = _one_image(req.image)
+        model = await self.registry.resolve(req.model or self.default_model)
+        await check_edit_inputs(image, None, "image")
+        job = self.generator.job(
+            model=model,
+            prompt="",
+            size=req.size,
+            n=req.n,
+            temperature=None,
+            seed=req.seed,
+            negative_prompt=None,
+            steps=req.steps,
+            guidance_scale=None,
+            sampler=req.sampler,
+            response_format=req.response_format,
+            image=image,
+            strength=req.strength if req.strength is not None else VARIATION_STRENGTH,
+        )
+        return await self._answer(job, receive, VARIATIONS_ROUTE)
+
+    async def _answer(self, job: ImageJob, receive: Receive, route: str) -> ImagesResponse:
+        result = await cancel_on_disconnect(self.generator.run(job), receive, self.metrics, route)
         if job.response_format == "b64_json":
             data = [
                 ImageData(b64_json=base64.b64encode(png).decode("ascii"), seed=seed)
@@ -49,3 +114,11 @@ class ImagesService:
             urls = await self.generator.publish(result.images_png, "url")
             data = [ImageData(url=url, seed=seed) for url, seed in zip(urls, result.seeds)]
         return ImagesResponse(created=int(time.time()), data=data)
+
+
+def _one_image(images: list[bytes]) -> bytes:
+    if len(images) > 1:
+        raise BadRequestError(
+            f"{len(images)} images were sent; this model family edits one picture at a time: send one", param="image[1]"
+        )
+    return images[0]

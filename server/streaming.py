@@ -156,10 +156,11 @@ class ChatStream:
             yield self._chunk(Delta(), finish_reason="stop", seeds=list(result.seeds))
             if self.include_usage:
                 tokens = self.job.completion_tokens
+                prompt_tokens = result.prompt_tokens + self.job.input_image_tokens
                 usage = Usage(
-                    prompt_tokens=result.prompt_tokens,
+                    prompt_tokens=prompt_tokens,
                     completion_tokens=tokens,
-                    total_tokens=result.prompt_tokens + tokens,
+                    total_tokens=prompt_tokens + tokens,
                 )
                 yield sse(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage))
             yield DONE_EVENT

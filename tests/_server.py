@@ -60,6 +60,7 @@ def toml_config(package: Path, port: int, worker_port: int, images: Path, **limi
 [server]
 host = "127.0.0.1"
 port = {port}
+max_body_bytes = 1048576  # 1 MiB, so the 413 test need not send the default's 32 MiB
 
 [[models]]
 name = "{MODEL}"

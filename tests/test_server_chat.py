@@ -128,14 +128,11 @@ def test_data_url_response_format_returns_the_png_inline(live):
     assert png_size(base64.b64decode(url[len(prefix) :])) == (64, 64)
 
 
-def test_prompt_is_the_last_user_message_and_history_is_accepted(live):
+def test_prompt_is_the_last_user_message_and_text_history_is_accepted(live):
     messages = [
         {"role": "system", "content": "You draw pictures."},
         {"role": "user", "content": "a cat"},
-        {"role": "assistant", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
-            {"type": "text", "text": "Here is a cat."},
-        ]},
+        {"role": "assistant", "content": [{"type": "text", "text": "What should I draw next?"}]},
         {"role": "user", "content": [{"type": "text", "text": "a dog"}, {"type": "text", "text": "on grass"}]},
     ]  # fmt: skip
     with live.client() as c:
@@ -147,6 +144,19 @@ def test_prompt_is_the_last_user_message_and_history_is_accepted(live):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"][-1]["text"].endswith("a dog\non grass")
     assert r.json()["seeds"] == again.json()["seeds"]  # the same prompt: the history did not change it
+
+
+def test_a_picture_in_the_history_from_elsewhere_is_not_fetched(live):
+    messages = [
+        {"role": "user", "content": "a cat"},
+        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]},
+        {"role": "user", "content": "now a dog"},
+    ]
+    with live.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "messages[1].content[0]" and "data: URL" in error["message"]
 
 
 def test_max_completion_tokens_is_checked_like_max_tokens(live):

@@ -21,6 +21,8 @@ EXAMPLES = 25  # per operation and mode
 OPERATIONS = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/images/generations"),
+    ("POST", "/v1/images/edits"),
+    ("POST", "/v1/images/variations"),
     ("GET", "/v1/images/files/{name}"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"),

@@ -40,7 +40,9 @@ def test_cuda_package_is_fp16_with_a_float32_interface(cuda_package):
     package = cuda_package("sd1")
     manifest = read_manifest(package)
     assert (manifest.target, manifest.precision) == ("cuda", "fp16")
-    assert manifest.extra["cuda"]["component_precision"] == {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp16"}
+    assert manifest.extra["cuda"]["component_precision"] == {
+        "text_encoder": "fp16", "unet": "fp16", "vae_encoder": "fp16", "vae_decoder": "fp16"}
+    assert {t.dtype for t in manifest.components["vae_encoder"].inputs + manifest.components["vae_encoder"].outputs} == {"float32"}
     assert {t.dtype for t in manifest.components["unet"].inputs} == {"float32"}
     assert {t.dtype for t in manifest.components["unet"].outputs} == {"float32"}
     assert _weight_dtypes(package, "unet") == {"float16"}
@@ -49,7 +51,7 @@ def test_cuda_package_is_fp16_with_a_float32_interface(cuda_package):
 def test_cuda_package_holds_the_sd_fusions(cuda_package):
     fused = read_manifest(cuda_package("sd1")).extra["cuda"]["fused_operators"]
     assert {"MultiHeadAttention", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "NhwcConv"} <= set(fused["unet"])
-    assert "GroupNorm" in fused["vae_decoder"]
+    assert "GroupNorm" in fused["vae_decoder"] and "GroupNorm" in fused["vae_encoder"]
 
 
 def test_timestep_embedding_stays_fp32(cuda_package):
@@ -75,8 +77,8 @@ def test_timestep_embedding_stays_fp32(cuda_package):
 def test_sdxl_vae_stays_fp32(cuda_package):
     package = cuda_package("sdxl")
     precision = read_manifest(package).extra["cuda"]["component_precision"]
-    assert precision["vae_decoder"] == "fp32" and precision["unet"] == "fp16"
-    assert _weight_dtypes(package, "vae_decoder") == {"float32"}
+    assert precision["vae_decoder"] == precision["vae_encoder"] == "fp32" and precision["unet"] == "fp16"
+    assert _weight_dtypes(package, "vae_decoder") == _weight_dtypes(package, "vae_encoder") == {"float32"}
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA: the package would load")

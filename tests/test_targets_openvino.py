@@ -50,6 +50,7 @@ def test_package_is_ir_with_fp16_weights(openvino_package):
     assert (manifest.target, manifest.precision) == ("openvino", "fp16")
     assert manifest.extra["openvino"]["weights"] == "fp16"
     assert manifest.tools["openvino"]
+    assert "vae_encoder" in manifest.components  # img2img and inpainting encode with it
     for name, component in manifest.components.items():
         assert component.file == f"{name}/model.xml"
         assert sorted(p.name for p in (package / name).iterdir()) == ["model.bin", "model.xml"]  # no ONNX left

@@ -130,17 +130,18 @@ def test_export_records_every_engine_in_the_manifest(tiny_package, tmp_path, fak
     assert (section.gpu, section.compute_capability, section.tensorrt_version) == (H100.name, "9.0", TRT)
     assert section.sizes == ["64x64", "128x128"] and section.batches == [1, 2]
     assert sorted((e.component, e.size) for e in section.engines) == [
-        ("text_encoder", None), ("unet", "128x128"), ("unet", "64x64"), ("vae_decoder", "128x128"), ("vae_decoder", "64x64")]
+        ("text_encoder", None), ("unet", "128x128"), ("unet", "64x64"), ("vae_decoder", "128x128"), ("vae_decoder", "64x64"),
+        ("vae_encoder", "128x128"), ("vae_encoder", "64x64")]
     for entry in section.engines:
         assert (package / entry.file).stat().st_size == entry.bytes
         assert entry.key[:12] in entry.file
-    assert (package / section.timing_cache).read_bytes() == b"t" * 5  # one cache, carried through every build
+    assert (package / section.timing_cache).read_bytes() == b"t" * 7  # one cache, carried through every build
     check_compatible(manifest, section, package, H100, TRT)  # what the engine checks at load
 
 
 def test_sdxl_vae_engine_is_built_without_fp16(tiny_package, tmp_path, fake_tensorrt):
     _tensorrt_package(tiny_package, tmp_path, family="sdxl", sizes=("64x64",))
-    assert ("vae_decoder", False) in fake_tensorrt and ("unet", True) in fake_tensorrt
+    assert ("vae_decoder", False) in fake_tensorrt and ("vae_encoder", False) in fake_tensorrt and ("unet", True) in fake_tensorrt
 
 
 def test_rebuild_reuses_engines_with_the_same_key_and_drops_stale_ones(tiny_package, tmp_path, fake_tensorrt):
@@ -148,7 +149,7 @@ def test_rebuild_reuses_engines_with_the_same_key_and_drops_stale_ones(tiny_pack
     fake_tensorrt.clear()
     manifest = tensorrt_engines.build_engines(package, read_manifest(package), ["64x64"], [1, 2])
     assert fake_tensorrt == []  # every engine's key matched one on disk
-    assert sorted(p.stem.rsplit("_", 2)[1] for p in (package / "engines").glob("*.plan")) == ["64x64", "64x64", "any"]
+    assert sorted(p.stem.rsplit("_", 2)[1] for p in (package / "engines").glob("*.plan")) == ["64x64", "64x64", "64x64", "any"]
     assert msgspec.convert(manifest.extra["tensorrt"], TensorRTSection).sizes == ["64x64"]
 
 

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from engine.client.pool import WorkerPool
-from engine.client.types import GenerationParams
+from engine.client.types import ImageRequest
 from engine.errors import QueueFullError
 from engine.worker import inference_pb2 as pb
 from tests._workers import V2, arun, infer_request, metrics, start_workers, wait_for
@@ -67,7 +67,7 @@ def test_a_full_queue_refuses_at_once_with_resource_exhausted(worker):
 
 
 def test_the_pool_raises_queue_full_when_every_worker_is_full(worker):
-    params = GenerationParams(model="sd1", prompt="a cat", width=128, height=128, seed=1, steps=150)
+    params = ImageRequest(model="sd1", prompt="a cat", width=128, height=128, seed=1, steps=150)
     v2 = V2(worker)
     calls = []
     try:

@@ -9,7 +9,7 @@ import pytest
 
 from engine.client.local import LocalWorkers
 from engine.client.pool import WorkerPool
-from engine.client.types import GenerationParams
+from engine.client.types import ImageRequest
 from engine.errors import InvalidRequestError, ModelNotFoundError, WorkerUnavailableError
 from tests._workers import FAST, TOLERANCE, arun, max_diff, metrics, start_workers, wait_for
 
@@ -21,8 +21,8 @@ def workers(tiny_package, tmp_path_factory):
     workers.stop()
 
 
-def params(seed: int, steps: int = 4, size: int = 64, **kw) -> GenerationParams:
-    return GenerationParams(model="sd1", prompt="a blue triangle", width=size, height=size, seed=seed, steps=steps, **kw)
+def params(seed: int, steps: int = 4, size: int = 64, **kw) -> ImageRequest:
+    return ImageRequest(model="sd1", prompt="a blue triangle", width=size, height=size, seed=seed, steps=steps, **kw)
 
 
 def test_the_pool_is_ready_and_lists_the_models(workers):
@@ -51,7 +51,7 @@ def test_errors_come_back_as_engine_exceptions(workers):
             with pytest.raises(InvalidRequestError) as bad:
                 await pool.generate(params(1, steps=0))
             with pytest.raises(ModelNotFoundError):
-                await pool.generate(GenerationParams(model="nope", prompt="a", width=64, height=64, seed=1))
+                await pool.generate(ImageRequest(model="nope", prompt="a", width=64, height=64, seed=1))
             return bad.value, pool.status()
 
     bad, status = arun(run())

@@ -28,6 +28,14 @@ class FakeSample:
         self.plan = SimpleNamespace(num_steps=request.steps)
 
     @property
+    def steps_done(self):
+        return self.step
+
+    @property
+    def total_steps(self):
+        return self.plan.num_steps
+
+    @property
     def shape(self):
         return self.x.shape
 
@@ -47,7 +55,7 @@ class RecordingPipeline:
 
     def prepare(self, requests, tags):
         self.prepared.append(len(requests))
-        return [FakeSample(r, t) for r, t in zip(requests, tags)]
+        return [FakeSample(r, (t, k)) for r, t in zip(requests, tags) for k in range(r.n)]
 
     def denoise_step(self, samples):
         self.calls.append((samples[0].shape[2] * 8, [s.tag[0].id for s in samples]))
@@ -56,15 +64,15 @@ class RecordingPipeline:
         if self.after_step:
             self.after_step(len(self.calls))
 
-    def decode(self, samples):
+    def decode(self, samples, paste_back=True):
         self.decoded.append(len(samples))
         return [np.zeros((8, 8, 3), dtype=np.uint8) for _ in samples]
 
 
 def make_job(scheduler: Scheduler, size: int, steps: int, n: int = 1) -> tuple[Job, list]:
     events: list = []
-    requests = [ImageRequest(prompt="x", width=size, height=size, seed=k, steps=steps) for k in range(n)]
-    return Job("m", requests, scheduler.key_for("m", size, size), 1, events.append), events
+    request = ImageRequest(prompt="x", width=size, height=size, seed=0, n=n, steps=steps)
+    return Job("m", request, scheduler.key_for("m", size, size), 1, events.append), events
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engine.client.pool import WorkerPool
-from engine.client.types import GenerationParams
+from engine.client.types import ImageRequest
 from engine.errors import DeadlineExceededError
 from engine.worker import inference_pb2 as pb
 from tests._workers import (
@@ -63,7 +63,7 @@ def test_one_worker_serves_several_packages_from_one_loop(worker):
         async with WorkerPool([worker]) as pool:
             return await asyncio.gather(
                 *(
-                    pool.generate(GenerationParams(model=m, prompt="a cat", width=64, height=64, seed=s, steps=6), timeout=60)
+                    pool.generate(ImageRequest(model=m, prompt="a cat", width=64, height=64, seed=s, steps=6), timeout=60)
                     for m in ("sd1", "sd2v")
                     for s in (1, 2)
                 )
@@ -139,13 +139,13 @@ def test_the_stream_reports_each_step_with_previews_then_the_result(v2):
 
 
 def test_same_seed_same_pixels_alone_and_inside_a_busy_mixed_batch(worker):
-    target = GenerationParams(model="sd1", prompt="a green square", width=64, height=64, seed=42, steps=8,
+    target = ImageRequest(model="sd1", prompt="a green square", width=64, height=64, seed=42, steps=8,
                               guidance_scale=7.5, sampler="euler_a")  # fmt: skip
     others = [
-        GenerationParams(model="sd1", prompt="noise", width=64, height=64, seed=1, steps=20, guidance_scale=1.0, sampler="ddim"),
-        GenerationParams(model="sd1", prompt="a circle", width=64, height=64, seed=2, steps=14, guidance_scale=3.0, sampler="dpmpp_2m_karras"),
-        GenerationParams(model="sd1", prompt="two stars", width=96, height=64, seed=3, steps=10),
-        GenerationParams(model="sd1", prompt="a red cross", width=64, height=64, seed=4, steps=16, n=2, sampler="euler"),
+        ImageRequest(model="sd1", prompt="noise", width=64, height=64, seed=1, steps=20, guidance_scale=1.0, sampler="ddim"),
+        ImageRequest(model="sd1", prompt="a circle", width=64, height=64, seed=2, steps=14, guidance_scale=3.0, sampler="dpmpp_2m_karras"),
+        ImageRequest(model="sd1", prompt="two stars", width=96, height=64, seed=3, steps=10),
+        ImageRequest(model="sd1", prompt="a red cross", width=64, height=64, seed=4, steps=16, n=2, sampler="euler"),
     ]  # fmt: skip
 
     async def run():
@@ -167,7 +167,7 @@ def test_same_seed_same_pixels_alone_and_inside_a_busy_mixed_batch(worker):
 
 
 def test_cancelling_the_caller_frees_the_remaining_steps(worker):
-    long = GenerationParams(model="sd1", prompt="a cat", width=128, height=128, seed=9, steps=150)
+    long = ImageRequest(model="sd1", prompt="a cat", width=128, height=128, seed=9, steps=150)
 
     async def run():
         async with WorkerPool([worker]) as pool:
@@ -187,7 +187,7 @@ def test_cancelling_the_caller_frees_the_remaining_steps(worker):
 
 
 def test_an_expired_deadline_frees_the_remaining_steps(worker):
-    long = GenerationParams(model="sd1", prompt="a cat", width=192, height=192, seed=9, steps=150)
+    long = ImageRequest(model="sd1", prompt="a cat", width=192, height=192, seed=9, steps=150)
 
     async def run():
         async with WorkerPool([worker]) as pool:
@@ -202,8 +202,8 @@ def test_an_expired_deadline_frees_the_remaining_steps(worker):
 
 
 def test_a_short_request_does_not_wait_behind_a_long_one_of_another_size(worker):
-    long = GenerationParams(model="sd1", prompt="a cat", width=128, height=128, seed=9, steps=150)
-    short = GenerationParams(model="sd1", prompt="a dog", width=64, height=64, seed=1, steps=4)
+    long = ImageRequest(model="sd1", prompt="a cat", width=128, height=128, seed=9, steps=150)
+    short = ImageRequest(model="sd1", prompt="a dog", width=64, height=64, seed=1, steps=4)
 
     async def run():
         async with WorkerPool([worker]) as pool:

@@ -1,8 +1,8 @@
 """WorkerPool: the front end's asyncio client for a set of engine workers (grpc.aio).
 
     pool = WorkerPool(["127.0.0.1:50051", "10.0.0.7:50051"])
-    result = await pool.generate(GenerationParams(model="kiln-shapes", prompt="...", width=256,
-                                                  height=256, seed=1), timeout=60)
+    result = await pool.generate(ImageRequest(model="kiln-shapes", prompt="...", width=256,
+                                              height=256, seed=1), timeout=60)
 
 Routing: each request goes to the worker, among those up, with the least outstanding work (the
 sum over its requests in flight from this pool of n x steps x pixels / 512^2), ties broken
@@ -34,7 +34,7 @@ from typing import Sequence
 import grpc
 import msgspec
 
-from engine.client.types import GenerationParams, GenerationResult, ModelInfo, ProgressCallback
+from engine.client.types import ImageRequest, GenerationResult, ModelLimits, ProgressCallback
 from engine.errors import DeadlineExceededError, QueueFullError, WorkerUnavailableError
 from engine.worker import inference_pb2 as pb
 from engine.worker import inference_pb2_grpc as pb_grpc
@@ -128,7 +128,7 @@ class WorkerPool:
 
     async def generate(
         self,
-        params: GenerationParams,
+        params: ImageRequest,
         *,
         timeout: float | None = None,
         on_progress: ProgressCallback | None = None,
@@ -181,7 +181,7 @@ class WorkerPool:
     async def _call(
         self,
         worker: _Worker,
-        params: GenerationParams,
+        params: ImageRequest,
         timeout: float | None,
         on_progress: ProgressCallback | None,
     ) -> GenerationResult:
@@ -213,9 +213,12 @@ class WorkerPool:
                 raise _WorkerGone(f"{e.code().name}: {e.details()}") from None
             raise error from None
 
-    def _cost(self, params: GenerationParams) -> float:
+    def _cost(self, params: ImageRequest) -> float:
         steps = params.steps or self._default_steps.get(params.model, FALLBACK_STEPS)
-        return params.n * steps * params.width * params.height / REFERENCE_PIXELS
+        if params.is_edit and params.strength is not None:
+            steps = max(1.0, steps * params.strength)
+        pixels = (params.width or 512) * (params.height or 512)
+        return params.n * steps * pixels / REFERENCE_PIXELS
 
     async def _pick(self, tried: set[_Worker]) -> _Worker | None:
         candidates = [w for w in self._workers if w.up and w not in tried]
@@ -275,9 +278,9 @@ class WorkerPool:
 
     # ---- models and metrics --------------------------------------------------------------
 
-    async def models(self) -> list[ModelInfo]:
+    async def models(self) -> list[ModelLimits]:
         """The models the workers serve (each once, as its first answering worker describes it)."""
-        found: dict[str, ModelInfo] = {}
+        found: dict[str, ModelLimits] = {}
         answered = False
         for worker in [w for w in self._workers if w.up]:
             try:

@@ -54,6 +54,12 @@ class Sampler(Protocol):
         """Advance one sample from step i to i+1.
 
         x, model_output: (4, h, w) float32; model_output is the guided UNet output (epsilon or
-        v, per plan.prediction_type). state is None at i == 0. Random draws use `rng` only.
+        v, per plan.prediction_type). state is None at the first step run (i == 0, or an edit's
+        first step). Random draws use `rng` only.
         """
+        ...
+
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, plan: SamplerPlan, i: int) -> np.ndarray:
+        """Clean latents x0 (4, h, w) noised to step i's noise level with `noise` (4, h, w), on
+        this sampler's latent scale: an edit starts from add_noise(image latents, noise, first)."""
         ...

@@ -101,6 +101,13 @@ def step(
     return alpha_prev**0.5 * x0 + direction, None
 
 
+def add_noise(x0: np.ndarray, noise: np.ndarray, plan: SamplerPlan, i: int) -> np.ndarray:
+    """Clean latents (4, h, w) noised to timestep t_i, sqrt(a) x0 + sqrt(1 - a) noise (the forward
+    process q(x_t | x0) of Ho et al. 2020, diffusers' `add_noise`): where an edit starts."""
+    alpha = plan.extra["alphas"][i]
+    return (alpha**0.5 * x0 + (1 - alpha) ** 0.5 * noise).astype(np.float32)
+
+
 class DDIMSampler:
     """DDIM (Song et al. 2021), eta = 0, as diffusers' DDIMScheduler."""
 
@@ -108,3 +115,4 @@ class DDIMSampler:
     plan = staticmethod(plan)
     scale_model_input = staticmethod(scale_model_input)
     step = staticmethod(step)
+    add_noise = staticmethod(add_noise)

@@ -127,6 +127,13 @@ def step(
     return x_next, x0
 
 
+def add_noise(x0: np.ndarray, noise: np.ndarray, plan: SamplerPlan, i: int) -> np.ndarray:
+    """Clean latents (4, h, w) noised to sigma_i on the VP scale, alpha_t x0 + sigma_t noise
+    (diffusers' `add_noise`): where an edit starts."""
+    alpha_t, sigma_t = _alpha_sigma(plan.extra["sigmas"][i])
+    return (alpha_t * x0 + sigma_t * noise).astype(np.float32)
+
+
 class DPMPP2MKarrasSampler:
     """DPM-Solver++(2M) with Karras sigmas (Lu et al. 2022; Karras et al. 2022)."""
 
@@ -134,3 +141,4 @@ class DPMPP2MKarrasSampler:
     plan = staticmethod(plan)
     scale_model_input = staticmethod(scale_model_input)
     step = staticmethod(step)
+    add_noise = staticmethod(add_noise)

@@ -91,6 +91,12 @@ def step(
     return x0 + (sigma_next / sigma) * (x - x0), None
 
 
+def add_noise(x0: np.ndarray, noise: np.ndarray, plan: SamplerPlan, i: int) -> np.ndarray:
+    """Clean latents (4, h, w) noised to step i's level, x0 + sigma_i noise (diffusers' `add_noise`
+    on the VE scale): where an edit starts, and what inpainting blends the kept region with."""
+    return (x0 + noise * plan.extra["sigmas"][i]).astype(np.float32)
+
+
 class EulerSampler:
     """Euler (Karras et al. 2022, Algorithm 1), as diffusers' EulerDiscreteScheduler."""
 
@@ -98,3 +104,4 @@ class EulerSampler:
     plan = staticmethod(plan_sigmas)
     scale_model_input = staticmethod(scale_model_input)
     step = staticmethod(step)
+    add_noise = staticmethod(add_noise)

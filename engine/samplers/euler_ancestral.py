@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from engine.samplers.base import SamplerPlan
-from engine.samplers.euler import denoised, plan_sigmas, scale_model_input
+from engine.samplers.euler import add_noise, denoised, plan_sigmas, scale_model_input
 from engine.schedules import NoiseSchedule
 
 NAME = "euler_a"
@@ -60,3 +60,4 @@ class EulerAncestralSampler:
     plan = staticmethod(plan)
     scale_model_input = staticmethod(scale_model_input)
     step = staticmethod(step)
+    add_noise = staticmethod(add_noise)

@@ -103,6 +103,13 @@ def step(
     return np.sqrt(alpha_prev) * denoised + np.sqrt(beta_prev) * noise, None
 
 
+def add_noise(x0: np.ndarray, noise: np.ndarray, plan: SamplerPlan, i: int) -> np.ndarray:
+    """Clean latents (4, h, w) noised to timestep t_i, sqrt(a) x0 + sqrt(1 - a) noise (the forward
+    process q(x_t | x0) of Ho et al. 2020, diffusers' `add_noise`): where an edit starts."""
+    alpha = plan.extra["alphas"][i]
+    return (alpha**0.5 * x0 + (1 - alpha) ** 0.5 * noise).astype(np.float32)
+
+
 class LCMSampler:
     """Latent consistency model multistep sampling (Luo et al. 2023), as diffusers' LCMScheduler."""
 
@@ -110,3 +117,4 @@ class LCMSampler:
     plan = staticmethod(plan)
     scale_model_input = staticmethod(scale_model_input)
     step = staticmethod(step)
+    add_noise = staticmethod(add_noise)

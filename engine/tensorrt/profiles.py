@@ -7,8 +7,11 @@ and prompt), one for an unguided image, so its row range is 1 .. 2 x the largest
 text encoders always see two rows an image (negatives and prompts are encoded together); a
 larger batch than the profile's is split by the runtime.
 
-The latent side of a size comes from engine.shapes.latent_shape; the dimension names are those
-the export writes into the manifest (optimum's dynamic axes).
+The VAE encoder (img2img, inpainting) encodes one image a row, as the decoder decodes one, and
+its input is in pixels: (B, 3, H, W). The latent side of a size comes from
+engine.shapes.latent_shape; the dimension names are those the export writes into the manifest
+(optimum's dynamic axes: sample_height/sample_width are the encoder's pixels, height/width the
+UNet's latents, latent_height/latent_width the decoder's).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from engine.manifest import Component
 from engine.shapes import latent_shape, parse_size
 
 # Components whose engines are built per size; the others take any size.
-PER_SIZE = ("unet", "vae_decoder")
+PER_SIZE = ("unet", "vae_encoder", "vae_decoder")
 ROWS_PER_IMAGE = 2  # classifier-free guidance: the negative prompt's row and the prompt's
 
 
@@ -43,7 +46,7 @@ class BatchRange:
 
     def rows(self, component: str) -> tuple[int, int, int]:
         """(min, opt, max) of the component's batch axis."""
-        if component == "vae_decoder":  # decodes images, one row each
+        if component in ("vae_encoder", "vae_decoder"):  # one row an image
             return self.min_images, self.min_images, self.max_images
         lo, hi = ROWS_PER_IMAGE * self.min_images, ROWS_PER_IMAGE * self.max_images
         if component == "unet":  # an unguided image is one row
@@ -75,11 +78,11 @@ def component_profiles(
     """Profiles of every input of `component` for `size` ("WxH"; None for the text encoders)."""
     if (size is None) == (name in PER_SIZE):
         raise ValueError(f"{name}: engines are built {'per size' if name in PER_SIZE else 'for all sizes'}, got size={size!r}")
-    latent: dict[str, int] = {}
+    sides: dict[str, int] = {}  # axis name -> its fixed length at this size
     if size is not None:
         width, height = parse_size(size, param="SIZES")
         _c, h, w = latent_shape(width, height, latent_channels, vae_scale_factor)
-        latent = {"height": h, "width": w, "latent_height": h, "latent_width": w}
+        sides = {"height": h, "width": w, "latent_height": h, "latent_width": w, "sample_height": height, "sample_width": width}
     lo, opt, hi = batch.rows(name)
     profiles = {}
     for spec in component.inputs:
@@ -93,8 +96,8 @@ def component_profiles(
                     shape.append(rows)
                 elif dim == "sequence_length":
                     shape.append(sequence_length)
-                elif dim in latent:
-                    shape.append(latent[dim])
+                elif dim in sides:
+                    shape.append(sides[dim])
                 else:
                     raise ValueError(f"{name} input {spec.name} has an axis {dim!r} no TensorRT profile knows how to fix")
             shapes.append(tuple(shape))

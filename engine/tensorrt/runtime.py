@@ -67,8 +67,9 @@ class TensorRTComponent:
     def _engine_for(self, feeds: dict[str, np.ndarray]) -> _Engine:
         if None in self._engines:
             return self._engines[None]
-        latent = feeds[self.input_names[0]]  # (B, C, h, w) sample or latent_sample
-        size = f"{latent.shape[3] * self.vae_scale_factor}x{latent.shape[2] * self.vae_scale_factor}"
+        first = feeds[self.input_names[0]]  # (B, C, h, w) latents, or (B, 3, H, W) pixels for the encoder
+        scale = 1 if self.name == "vae_encoder" else self.vae_scale_factor
+        size = f"{first.shape[3] * scale}x{first.shape[2] * scale}"
         engine = self._engines.get(size)
         if engine is None:  # the pipeline checks sizes first; this is the backstop
             raise EngineError(f"{self.name}: no TensorRT engine for {size}; built: {', '.join(map(str, self._engines))}")

@@ -51,7 +51,7 @@ from engine.errors import (
     WorkerUnavailableError,
 )
 from engine.pipeline import Pipeline, Sample
-from engine.request import ImageRequest
+from engine.request import ImageRequest, steps_run
 from engine.shapes import latent_shape, render_size
 from engine.worker.images import encode_png, latent_preview_jpeg
 
@@ -101,7 +101,7 @@ class Job:
     def __init__(
         self,
         model: str,
-        requests: list[ImageRequest],  # resolved (defaults filled), image k with seed + k
+        request: ImageRequest,  # resolved (defaults filled); image k uses seed + k
         key: GroupKey,
         prompt_tokens: int,
         sink: Callable[[Event], None],
@@ -111,10 +111,10 @@ class Job:
     ):
         self.id = next(_ids)
         self.model = model
-        self.requests = requests
+        self.request = request
         self.key = key
-        self.n = len(requests)
-        self.total_steps = sum(r.steps or 0 for r in requests)
+        self.n = request.n
+        self.total_steps = request.n * steps_run(request)
         self.prompt_tokens = prompt_tokens
         self.sink = sink
         self.deadline = deadline
@@ -160,7 +160,7 @@ class Job:
         self.emit(
             JobResult(
                 images_png=list(self._pngs),  # type: ignore[arg-type]
-                seeds=[r.seed for r in self.requests],
+                seeds=[self.request.seed + k for k in range(self.n)],
                 prompt_tokens=self.prompt_tokens,
                 engine_seconds=time.perf_counter() - self.submitted,
             )
@@ -277,11 +277,8 @@ class Scheduler:
         """One guided step and one decode at `batch` x `width`x`height`: creates the sessions and
         sizes the memory arenas before the worker says it is ready. Raises what the engine raised."""
         pipe = self.pipelines[model]
-        reqs = [
-            ImageRequest(prompt="warm-up", width=width, height=height, seed=k, steps=2, guidance_scale=7.5)
-            for k in range(batch)
-        ]
-        samples = pipe.prepare(reqs)
+        req = ImageRequest(prompt="warm-up", width=width, height=height, seed=0, n=batch, steps=2, guidance_scale=7.5)
+        samples = pipe.prepare([req])
         pipe.denoise_step(samples)
         pipe.decode(samples)
         encode_png(np.zeros((height, width, 3), dtype=np.uint8))
@@ -422,26 +419,48 @@ class Scheduler:
         for job in jobs:
             by_model.setdefault(job.model, []).append(job)
         for model, group in by_model.items():
-            requests = [r for job in group for r in job.requests]
-            tags = [(job, k) for job in group for k in range(job.n)]
             try:
-                samples = self.pipelines[model].prepare(requests, tags)
-            except Exception as e:  # validated at submit, so this is the engine failing
-                log.exception("text encoding failed for %d requests", len(group))
-                for job in group:
-                    job.fail(e if isinstance(e, KilnError) else EngineError(f"text encoding failed: {e}"))
+                samples = self.pipelines[model].prepare([job.request for job in group], group)
+            except KilnError as e:  # an input image that read well at submit but not in full, say
+                log.info("admission refused %d request(s): %s", len(group), e)
+                if len(group) == 1:
+                    group[0].fail(e)
+                else:
+                    self._admit_one_by_one(model, group)
                 continue
-            self._count("text_encoder_calls")
-            self._count("requests_admitted", len(group))
-            for job in group:
-                job.samples_left = job.n
-                self._running_jobs.add(job)
-            for s in samples:
-                key = (model, s.shape)
-                if key not in self._groups:
-                    self._groups[key] = []
-                    self._order.append(key)
-                self._groups[key].append(s)
+            except Exception as e:  # validated at submit, so this is the engine failing
+                log.exception("text/image encoding failed for %d requests", len(group))
+                for job in group:
+                    job.fail(EngineError(f"text or image encoding failed: {e}"))
+                continue
+            self._add_running(model, group, samples)
+
+    def _admit_one_by_one(self, model: str, group: list[Job]) -> None:
+        """After a refusal at admission, admit each job alone, so one bad input fails only its own request."""
+        for job in group:
+            try:
+                samples = self.pipelines[model].prepare([job.request], [job])
+            except KilnError as e:
+                job.fail(e)
+                continue
+            except Exception as e:
+                log.exception("text/image encoding failed for request %d", job.id)
+                job.fail(EngineError(f"text or image encoding failed: {e}"))
+                continue
+            self._add_running(model, [job], samples)
+
+    def _add_running(self, model: str, group: list[Job], samples: list[Sample]) -> None:
+        self._count("text_encoder_calls")
+        self._count("requests_admitted", len(group))
+        for job in group:
+            job.samples_left = job.n
+            self._running_jobs.add(job)
+        for s in samples:
+            key = (model, s.shape)
+            if key not in self._groups:
+                self._groups[key] = []
+                self._order.append(key)
+            self._groups[key].append(s)
 
     def _set_group(self, key: GroupKey, samples: list[Sample]) -> None:
         if samples:
@@ -474,7 +493,7 @@ class Scheduler:
         for s in batch:
             job, index = s.tag
             if job.progress and not job.finished:
-                job.emit(Progress(image_index=index, step=s.step, total_steps=s.plan.num_steps, preview_jpeg=self._preview(job, s)))
+                job.emit(Progress(image_index=index, step=s.steps_done, total_steps=s.total_steps, preview_jpeg=self._preview(job, s)))
         done = [s for s in batch if s.done]
         if not done:
             return
@@ -502,7 +521,7 @@ class Scheduler:
 
     @staticmethod
     def _preview(job: Job, s: Sample) -> bytes | None:
-        if not job.preview_every or s.done or s.step % job.preview_every:
+        if not job.preview_every or s.done or s.steps_done % job.preview_every:
             return None
         return latent_preview_jpeg(s.sampler.scale_model_input(s.x, s.plan, s.step))
 

@@ -13,16 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import signal
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import grpc
-import msgspec
 
 from engine.client.types import Progress
 from engine.errors import (
@@ -33,8 +30,7 @@ from engine.errors import (
     WorkerUnavailableError,
 )
 from engine.pipeline import Pipeline
-from engine.request import ImageRequest
-from engine.samplers import SAMPLERS
+from engine.request import MAX_N, ModelLimits
 from engine.sessions import RuntimeOptions
 from engine.shapes import parse_size
 from engine.worker import inference_pb2 as pb
@@ -115,22 +111,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             pipe = self._pipeline(request.name, request.version)
         except KilnError as e:
             await self._abort(context, e)
-        m = pipe.manifest
-        info: dict[str, Any] = {
-            "family": m.family,
-            "default_size": m.sizes.default,
-            "min_side": m.sizes.min_side,
-            "max_side": m.sizes.max_side,
-            "multiple_of": m.sizes.multiple_of,
-            "default_steps": m.defaults.steps,
-            "default_sampler": m.defaults.sampler,
-            "default_guidance_scale": float(m.defaults.guidance_scale),
-            "samplers": ",".join(sorted(SAMPLERS)),
-            "max_batch": self.config.max_batch,
-            "max_n": min(wire.MAX_N, self.config.max_queue),
-            "max_steps": pipe.max_steps,
-        }
-        return wire.encode_model_metadata(m.name, self._model_version(pipe), "kiln_diffusion_onnx", info)
+        return wire.encode_model_metadata(self._limits(pipe), self._model_version(pipe), "kiln_diffusion_onnx")
+
+    def _limits(self, pipe: Pipeline) -> ModelLimits:
+        """What this worker accepts for a model: the only source of the limits clients see."""
+        return pipe.limits(max_n=min(MAX_N, self.config.max_queue), max_batch=self.config.max_batch)
 
     async def RepositoryIndex(self, request, context):
         Index = pb.RepositoryIndexResponse.ModelIndex
@@ -212,9 +197,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if not self._serving() or self.scheduler is None:
                 why = "is draining" if self.draining else "is still loading its models"
                 raise WorkerUnavailableError(f"the worker {why}; use another worker or retry shortly")
-            params = wire.decode_request(request)
-            pipe = self._pipeline(params.model, request.model_version)
-            requests = self._image_requests(pipe, params)
+            decoded = wire.decode_request(request)
+            pipe = self._pipeline(decoded.request.model, request.model_version)
+            req = pipe.resolve(decoded.request, self._limits(pipe))  # defaults filled, every value checked
             remaining = context.time_remaining()
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[Event] = asyncio.Queue()
@@ -223,43 +208,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
             job = Job(
-                model=params.model,
-                requests=requests,
-                key=self.scheduler.key_for(params.model, requests[0].width, requests[0].height),
-                prompt_tokens=pipe.tokenizers[0].count(params.prompt),
+                model=req.model,
+                request=req,
+                key=self.scheduler.key_for(req.model, req.width, req.height),
+                prompt_tokens=pipe.tokenizers[0].count(req.prompt),
                 sink=sink,
                 deadline=time.monotonic() + remaining if remaining is not None else None,
                 progress=progress,
-                preview_every=params.preview_every,
+                preview_every=req.preview_every,
             )
             self.scheduler.submit(job)  # refuses at once when the queue is full
         except KilnError as e:
             await self._abort(context, e)
         return job, events
-
-    @staticmethod
-    def _image_requests(pipe: Pipeline, params: wire.WireParams) -> list[ImageRequest]:
-        """The n images of a request, defaults filled and every value checked (no model work)."""
-        dw, dh = parse_size(pipe.manifest.sizes.default)
-        width = dw if params.width is None else params.width
-        height = dh if params.height is None else params.height
-        seed = params.seed if params.seed is not None else secrets.randbits(62)
-        first = pipe.resolve(
-            ImageRequest(
-                prompt=params.prompt,
-                negative_prompt=params.negative_prompt,
-                width=width,
-                height=height,
-                seed=seed,
-                steps=params.steps,
-                guidance_scale=params.guidance_scale,
-                guidance_rescale=params.guidance_rescale,
-                sampler=params.sampler,
-            )
-        )
-        if seed + params.n - 1 >= 2**63:
-            raise InvalidRequestError(f"seed + n - 1 must be below 2**63, got seed {seed} with n {params.n}", param="seed")
-        return [msgspec.structs.replace(first, seed=seed + k) for k in range(params.n)]
 
     @staticmethod
     async def _abort(context, error: BaseException) -> None:

@@ -14,12 +14,18 @@ one element (shape [1]). Each may instead be sent as a request parameter of the 
 | negative_prompt  | BYTES (UTF-8)       | ""                         | what to steer away from                |
 | width, height    | INT64 (any INT/UINT)| the package's default size | pixels, within the package's limits    |
 | seed             | INT64               | random (returned in seeds) | image k uses seed + k                  |
-| n                | INT64               | 1                          | images, 1..10                          |
+| n                | INT64               | 1                          | images, 1..max_n (ModelMetadata)       |
 | steps            | INT64               | the package's default      | denoising steps                        |
 | guidance_scale   | FP32 (FP64, INT)    | the package's default      | classifier-free guidance; <= 1: none   |
 | guidance_rescale | FP32 (FP64, INT)    | the package's default      | 0..1                                   |
 | sampler          | BYTES               | the package's default      | euler, euler_a, ddim, dpmpp_2m_karras, lcm |
 | preview_every    | INT64               | 0                          | stream only: a JPEG preview every k steps |
+| image            | BYTES (PNG/JPEG/WebP)| none: text-to-image       | the picture to edit (img2img)          |
+| mask             | BYTES (PNG)         | none                       | with image: inpaint; transparent (alpha) or white = repaint |
+| strength         | FP32                | the model's default_strength | edits: share of the schedule re-run, (0, 1] |
+
+The inputs are the fields of `engine.request.ImageRequest` (but `model`, which is model_name):
+this table and that type cannot disagree, because the specs below are derived from the type.
 
 Tensor data may be in `contents` (typed fields) or in `raw_input_contents` (little-endian; BYTES
 elements 4-byte length-prefixed), as the specification allows.
@@ -39,44 +45,48 @@ has parameter `kiln_event`: "progress" messages carry `image_index`, `step`, `to
 and, every `preview_every` steps, an output `preview` (BYTES [1], a small JPEG); the last message is
 "result", the ModelInfer response.
 
-`ModelMetadataResponse.parameters` (Kiln's extension): family, default_size ("WxH"), min_side,
-max_side, multiple_of, default_steps, default_sampler, default_guidance_scale, max_batch, max_n.
+`ModelMetadataResponse.parameters` (Kiln's extension): every field of `engine.request.ModelLimits`
+(family, default_size "WxH", min_side, max_side, multiple_of, default_steps, default_sampler,
+default_guidance_scale, default_strength, samplers (comma-separated), max_steps, max_n, max_batch,
+max_prompt_chars, edits, inpainting_unet): the limits the front end enforces are the worker's.
 """
 
 from __future__ import annotations
 
 import struct
+import typing
 from typing import Any
 
 import msgspec
 
-from engine.client.types import GenerationParams, GenerationResult, ModelInfo, Progress
+from engine.client.types import GenerationResult, Progress
 from engine.errors import InvalidRequestError
+from engine.request import ImageRequest, ModelLimits
 from engine.worker import inference_pb2 as pb
 
-MAX_N = 10
 EVENT = "kiln_event"
+BYTES_FIELDS = {"image", "mask"}  # raw bytes, not UTF-8 text
 
 
 class InputSpec(msgspec.Struct, frozen=True):
     name: str
     datatype: str  # what Kiln sends and ModelMetadata lists
-    kind: type  # str | int | float: what the worker accepts it as
+    kind: type  # str | bytes | int | float: what the worker accepts it as
 
 
-INPUTS: tuple[InputSpec, ...] = (
-    InputSpec("prompt", "BYTES", str),
-    InputSpec("negative_prompt", "BYTES", str),
-    InputSpec("width", "INT64", int),
-    InputSpec("height", "INT64", int),
-    InputSpec("seed", "INT64", int),
-    InputSpec("n", "INT64", int),
-    InputSpec("steps", "INT64", int),
-    InputSpec("guidance_scale", "FP32", float),
-    InputSpec("guidance_rescale", "FP32", float),
-    InputSpec("sampler", "BYTES", str),
-    InputSpec("preview_every", "INT64", int),
-)
+def _input_specs() -> tuple[InputSpec, ...]:
+    """One input per ImageRequest field (model travels as model_name)."""
+    specs = []
+    for field in msgspec.structs.fields(ImageRequest):
+        if field.name == "model":
+            continue
+        kind = next(t for t in (bytes, str, float, int) if t is field.type or t in typing.get_args(field.type))
+        datatype = {bytes: "BYTES", str: "BYTES", float: "FP32", int: "INT64"}[kind]
+        specs.append(InputSpec(field.name, datatype, kind))
+    return tuple(specs)
+
+
+INPUTS: tuple[InputSpec, ...] = _input_specs()
 BY_NAME = {spec.name: spec for spec in INPUTS}
 OUTPUTS: tuple[tuple[str, str, int], ...] = (("images", "BYTES", -1), ("seeds", "INT64", -1), ("prompt_tokens", "INT64", 1))
 
@@ -89,22 +99,11 @@ RAW_FORMATS = {
 }  # fmt: skip
 
 
-class WireParams(msgspec.Struct, frozen=True):
-    """A decoded generation request; None = the package's default (seed: a random one)."""
+class DecodedRequest(msgspec.Struct, frozen=True):
+    """A ModelInfer request as the worker reads it: the ImageRequest plus the call's own fields."""
 
-    model: str
+    request: ImageRequest
     id: str = ""
-    prompt: str = ""
-    negative_prompt: str = ""
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None
-    n: int = 1
-    steps: int | None = None
-    guidance_scale: float | None = None
-    guidance_rescale: float | None = None
-    sampler: str | None = None
-    preview_every: int = 0
     outputs: tuple[str, ...] = ()  # empty: all
 
 
@@ -114,7 +113,9 @@ class WireParams(msgspec.Struct, frozen=True):
 def _tensor(name: str, value: Any) -> pb.ModelInferRequest.InferInputTensor:
     spec = BY_NAME[name]
     t = pb.ModelInferRequest.InferInputTensor(name=name, datatype=spec.datatype, shape=[1])
-    if spec.kind is str:
+    if spec.kind is bytes:
+        t.contents.bytes_contents.append(bytes(value))
+    elif spec.kind is str:
         t.contents.bytes_contents.append(value.encode("utf-8"))
     elif spec.kind is int:
         t.contents.int64_contents.append(int(value))
@@ -123,26 +124,16 @@ def _tensor(name: str, value: Any) -> pb.ModelInferRequest.InferInputTensor:
     return t
 
 
-def encode_request(params: GenerationParams, request_id: str = "") -> pb.ModelInferRequest:
-    """GenerationParams -> ModelInferRequest with every given setting as a named input."""
-    values = {
-        "prompt": params.prompt,
-        "negative_prompt": params.negative_prompt,
-        "width": params.width,
-        "height": params.height,
-        "seed": params.seed,
-        "n": params.n,
-        "steps": params.steps,
-        "guidance_scale": params.guidance_scale,
-        "guidance_rescale": params.guidance_rescale,
-        "sampler": params.sampler,
-        "preview_every": params.preview_every or None,
-    }
-    return pb.ModelInferRequest(
-        model_name=params.model,
-        id=request_id,
-        inputs=[_tensor(k, v) for k, v in values.items() if v is not None],
-    )
+def encode_request(req: ImageRequest, request_id: str = "") -> pb.ModelInferRequest:
+    """ImageRequest -> ModelInferRequest with every field that is set as a named input."""
+    defaults = {f.name: f.default for f in msgspec.structs.fields(ImageRequest)}
+    inputs = []
+    for spec in INPUTS:
+        value = getattr(req, spec.name)
+        if value is None or (spec.name != "prompt" and value == defaults[spec.name]):
+            continue
+        inputs.append(_tensor(spec.name, value))
+    return pb.ModelInferRequest(model_name=req.model, id=request_id, inputs=inputs)
 
 
 # ---- request: worker side ----------------------------------------------------------------
@@ -192,6 +183,10 @@ def _typed_values(contents: pb.InferTensorContents, datatype: str) -> list:
 
 def _convert(spec: InputSpec, datatype: str, value: Any) -> Any:
     name = spec.name
+    if spec.kind is bytes:
+        if datatype != "BYTES":
+            raise InvalidRequestError(f"input {name} must be BYTES (the encoded file), got {datatype}", param=name)
+        return bytes(value)
     if spec.kind is str:
         if datatype != "BYTES":
             raise InvalidRequestError(f"input {name} must be BYTES (UTF-8 text), got {datatype}", param=name)
@@ -212,6 +207,8 @@ def _parameter(spec: InputSpec, p: pb.InferParameter) -> Any:
     choice = p.WhichOneof("parameter_choice")
     value = getattr(p, choice) if choice else None
     name = spec.name
+    if spec.kind is bytes:
+        raise InvalidRequestError(f"{name} cannot be a request parameter: send it as a BYTES input", param=name)
     if spec.kind is str and choice == "string_param":
         return value
     if spec.kind is int and choice in ("int64_param", "uint64_param"):
@@ -222,8 +219,9 @@ def _parameter(spec: InputSpec, p: pb.InferParameter) -> Any:
     raise InvalidRequestError(f"parameter {name} must be a {wanted}, got {choice or 'nothing'}", param=name)
 
 
-def decode_request(req: pb.ModelInferRequest) -> WireParams:
-    """ModelInferRequest -> WireParams; raises InvalidRequestError naming the input at fault."""
+def decode_request(req: pb.ModelInferRequest) -> DecodedRequest:
+    """ModelInferRequest -> DecodedRequest; raises InvalidRequestError naming the input at fault.
+    Only the wire's shape is checked here; values are checked by `validate_request` (one place)."""
     if not req.model_name:
         raise InvalidRequestError("model_name is empty: name the model (see RepositoryIndex)", param="model")
     if req.raw_input_contents and len(req.raw_input_contents) != len(req.inputs):
@@ -265,13 +263,7 @@ def decode_request(req: pb.ModelInferRequest) -> WireParams:
     for name in outputs:
         if name not in known:
             raise InvalidRequestError(f"unknown output {name!r}; outputs are {', '.join(sorted(known))}", param="outputs")
-    n = values.get("n", 1)
-    if not (1 <= n <= MAX_N):
-        raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {n}", param="n")
-    every = values.get("preview_every", 0)
-    if every < 0:
-        raise InvalidRequestError(f"preview_every must be 0 (none) or a number of steps, got {every}", param="preview_every")
-    return WireParams(model=req.model_name, id=req.id, outputs=outputs, **values)
+    return DecodedRequest(ImageRequest(model=req.model_name, **values), id=req.id, outputs=outputs)
 
 
 # ---- response: worker side ---------------------------------------------------------------
@@ -382,29 +374,32 @@ def decode_result(resp: pb.ModelInferResponse, worker: str) -> GenerationResult:
 # ---- model metadata ----------------------------------------------------------------------
 
 
-def encode_model_metadata(name: str, version: str, platform: str, info: dict[str, Any]) -> pb.ModelMetadataResponse:
+def encode_model_metadata(limits: ModelLimits, version: str, platform: str) -> pb.ModelMetadataResponse:
     Meta = pb.ModelMetadataResponse.TensorMetadata
     resp = pb.ModelMetadataResponse(
-        name=name,
+        name=limits.name,
         versions=[version],
         platform=platform,
         inputs=[Meta(name=s.name, datatype=s.datatype, shape=[1]) for s in INPUTS],
         outputs=[Meta(name=n, datatype=d, shape=[s]) for n, d, s in OUTPUTS],
     )
-    for key, value in info.items():
-        resp.parameters[key].CopyFrom(_param(value))
+    for key, value in msgspec.structs.asdict(limits).items():
+        if key == "name":
+            continue
+        resp.parameters[key].CopyFrom(_param(",".join(value) if isinstance(value, tuple) else value))
     return resp
 
 
-def decode_model_metadata(resp: pb.ModelMetadataResponse) -> ModelInfo:
-    p = {k: _param_value(v) for k, v in resp.parameters.items()}
-    return ModelInfo(
-        name=resp.name,
-        family=str(p.get("family", "")),
-        default_size=str(p.get("default_size", "")),
-        min_side=int(p.get("min_side", 0)),
-        max_side=int(p.get("max_side", 0)),
-        multiple_of=int(p.get("multiple_of", 8)),
-        default_steps=int(p.get("default_steps", 0)),
-        max_batch=int(p.get("max_batch", 1)),
-    )
+def decode_model_metadata(resp: pb.ModelMetadataResponse) -> ModelLimits:
+    """The worker's limits; parameters another server version does not send keep their defaults."""
+    known = {f.name: f for f in msgspec.structs.fields(ModelLimits)}
+    values: dict[str, Any] = {"name": resp.name}
+    for key, p in resp.parameters.items():
+        field = known.get(key)
+        if field is None or key == "name":
+            continue
+        value = _param_value(p)
+        if field.type == tuple[str, ...]:
+            value = tuple(v for v in str(value).split(",") if v)
+        values[key] = value
+    return msgspec.convert(values, ModelLimits, strict=False)
