@@ -3,7 +3,9 @@
 One worker process per mode (started with LocalWorkers, one at a time so they never share the
 CPU), driven through WorkerPool by a closed loop of `c` concurrent clients for c in 1, 4, 8, 16.
 Reports images/s and p50/p95 latency per concurrency, as a table, JSON and a PNG chart under
-benchmarks/results/. Uses the bundled default model (models/kiln-shapes) when it is there, else
+benchmarks/results/. A third run (batching on) mixes in edits: every other request is an img2img
+of a fixed picture at strength EDIT_STRENGTH, which starts at a later step and shares the UNet
+batches of the text-to-image requests. Uses the bundled default model (models/kiln-shapes) when it is there, else
 the tiny random-weight SD1 test package, and says which.
 
     python -m benchmarks.worker_throughput            # 256x256, 20 steps
@@ -22,11 +24,30 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
+
 from benchmarks.workloads import choose_package
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 PROMPTS = ["a red circle", "a blue square on the left", "two green triangles", "a yellow star above a circle"]
+EDIT_STRENGTH = 0.6  # the engine's default for edits: 60 % of the steps
+
+
+def edit_input(width: int, height: int) -> bytes:
+    """The picture the mixed workload edits: a red disc on blue, as a PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[...] = (30, 60, 200)
+    rgb[(x - width / 2) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 4) ** 2] = (220, 30, 30)
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="PNG")
+    return out.getvalue()
 
 
 def batch_ceiling(package: Path, size: str, max_batch: int, steps: int = 3) -> dict:
@@ -60,12 +81,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-async def drive(pool, model: str, width: int, height: int, steps: int, concurrency: int, requests: int) -> dict:
-    """`concurrency` clients each send their next request as soon as the last one is answered."""
+async def drive(
+    pool, model: str, width: int, height: int, steps: int, concurrency: int, requests: int, edits: bool = False
+) -> dict:
+    """`concurrency` clients each send their next request as soon as the last one is answered;
+    with `edits`, every other request is an img2img edit."""
     from engine.client.types import ImageRequest
 
     latencies: list[float] = []
     issued = 0
+    picture = edit_input(width, height) if edits else None
 
     async def client() -> None:
         nonlocal issued
@@ -75,6 +100,8 @@ async def drive(pool, model: str, width: int, height: int, steps: int, concurren
             params = ImageRequest(
                 model=model, prompt=PROMPTS[k % len(PROMPTS)], width=width, height=height, seed=1000 + k, steps=steps
             )
+            if edits and k % 2:
+                params = msgspec.structs.replace(params, image=picture, strength=EDIT_STRENGTH)
             start = time.perf_counter()
             await pool.generate(params, timeout=3600)
             latencies.append(time.perf_counter() - start)
@@ -92,7 +119,7 @@ async def drive(pool, model: str, width: int, height: int, steps: int, concurren
     }
 
 
-async def measure_mode(package: Path, batching: bool, args, model_steps: int) -> tuple[list[dict], dict]:
+async def measure_mode(package: Path, batching: bool, args, model_steps: int, edits: bool = False) -> tuple[list[dict], dict]:
     from engine.client.local import LocalWorkers
     from engine.client.pool import WorkerPool
 
@@ -115,10 +142,10 @@ async def measure_mode(package: Path, batching: bool, args, model_steps: int) ->
             await drive(pool, model.name, width, height, model_steps, 1, 1)  # first-request costs out of the way
             for c in args.concurrency:
                 requests = args.requests or (max(2, c) if args.quick else max(4, 2 * c))
-                row = await drive(pool, model.name, width, height, model_steps, c, requests)
+                row = await drive(pool, model.name, width, height, model_steps, c, requests, edits)
                 rows.append(row)
                 print(
-                    f"  batching {'on ' if batching else 'off'} c={c:<3} {row['images_per_s']:6.2f} img/s  "
+                    f"  batching {'on ' if batching else 'off'}{' half edits' if edits else ''} c={c:<3} {row['images_per_s']:6.2f} img/s  "
                     f"p50 {row['p50_s']:6.2f}s  p95 {row['p95_s']:6.2f}s",
                     flush=True,
                 )
@@ -201,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    for batching in (True, False):
-        rows, worker_metrics = asyncio.run(measure_mode(package, batching, args, steps))
-        key = "batching_on" if batching else "batching_off"
+    for batching, edits in ((True, False), (False, False), (True, True)):
+        rows, worker_metrics = asyncio.run(measure_mode(package, batching, args, steps, edits))
+        key = ("batching_on" if batching else "batching_off") + ("_half_edits" if edits else "")
         result[key] = rows
         result[f"{key}_worker_metrics"] = worker_metrics
 
@@ -216,6 +243,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     mean_batch = result["batching_on_worker_metrics"].get("mean_batch", 0.0)
     print(f"mean UNet batch with batching on: {mean_batch:.2f}")
+    print(f"\nhalf the requests img2img edits at strength {EDIT_STRENGTH} (batching on), beside text-to-image only:")
+    for on, mixed in zip(result["batching_on"], result["batching_on_half_edits"]):
+        print(
+            f"{on['concurrency']:>3} | text {on['images_per_s']:>6.2f} img/s p95 {on['p95_s']:>6.2f}s | "
+            f"half edits {mixed['images_per_s']:>6.2f} img/s p95 {mixed['p95_s']:>6.2f}s | {mixed['images_per_s'] / on['images_per_s']:.2f}x"
+        )
+    mixed_batch = result["batching_on_half_edits_worker_metrics"].get("mean_batch", 0.0)
+    print(f"mean UNet batch with half edits: {mixed_batch:.2f} (edits and text-to-image share UNet calls)")
+    result["edit_strength"] = EDIT_STRENGTH
     stem = "worker_throughput" + ("_quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     chart(result, RESULTS / f"{stem}.png")

@@ -346,12 +346,13 @@ class Pipeline:
         return parameters
 
     def _dims(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, int]:
-        """The values of a component's named dynamic axes for these feeds (its session's key)."""
+        """The values of a component's named spatial axes for these feeds: the key of its session
+        per size (batch stays dynamic, as for the other components, so batch sizes share one)."""
         dims = {}
         for spec in self.manifest.components[component].inputs:
             if spec.name in feeds:
                 for axis, dim in enumerate(spec.shape):
-                    if isinstance(dim, str):
+                    if isinstance(dim, str) and "batch" not in dim:
                         dims[dim] = int(feeds[spec.name].shape[axis])
         return dims
 
