@@ -250,15 +250,16 @@ def decode_mask(data: bytes, param: str, size: tuple[int, int]) -> np.ndarray:
             param=param,
         )
     alpha = _alpha(image)
-    if alpha is not None and (alpha < 255).any():
+    if alpha is not None:
+        # OpenAI's rule for any mask with an alpha channel, an all-opaque one included: it repaints
+        # nothing, which is refused below rather than guessed from its colours.
         repaint = alpha == 0
         if not repaint.any():
             raise InvalidRequestError(
-                f"the mask repaints nothing: {param} has transparency but no fully transparent pixel {_RULE}",
+                f"the mask repaints nothing: {param} has an alpha channel but no fully transparent pixel {_RULE}",
                 param=param,
             )
     else:
-        # An opaque alpha channel carries nothing, so such a mask is read by its colour.
         rgb = to_rgb(image).astype(np.uint32)
         luma = (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114 + 500) // 1000  # ITU-R BT.601
         repaint = luma >= 128

@@ -45,8 +45,8 @@ async def read_form(request: Request, struct_type: type) -> Any:
             continue
         if key == "mask[]":
             key = "mask"
-        if len(items) > 1:
-            raise InvalidBodyError(f"{key} is given {len(items)} times; send it once", param=key)
+        if len(items) > 1 or key in values:
+            raise InvalidBodyError(f"{key} is given more than once (as {key} or {key}[]); send it once", param=key)
         item = items[0]
         if key in FILE_FIELDS:
             values[key] = await _file(item, key)

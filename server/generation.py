@@ -124,9 +124,11 @@ class Generator:
         against their limits (capped by this server's configuration)."""
         if sampler is not None and not sampler.strip():
             raise BadRequestError("sampler is empty: leave it out for the model's default", param="sampler")
-        width, height = resolve_size(size, model, image, image_param)
+        width, height = resolve_size(None if size == "auto" else size, model, image, image_param)
         n = 1 if n is None else n
         steps = steps if steps is not None else model.config.default_steps
+        if image is not None and strength is None:
+            strength = model.limits.default_strength  # filled here so that it is checked here
         content = {
             "model": model.config.worker_model,
             "prompt": prompt,

@@ -323,10 +323,12 @@ def test_16_bit_grey_mask_works():
     assert decode_mask(encode(mask), "mask", (2, 1)).tolist() == [[0.0, 1.0]]
 
 
-def test_opaque_rgba_mask_is_read_by_its_colour():
+def test_an_all_opaque_rgba_mask_repaints_nothing_and_is_refused():
     mask = Image.new("RGBA", (2, 1), (0, 0, 0, 255))
-    mask.putpixel((1, 0), (255, 255, 255, 255))
-    assert decode_mask(encode(mask), "mask", (2, 1)).tolist() == [[0.0, 1.0]]
+    mask.putpixel((1, 0), (255, 255, 255, 255))  # white, but opaque: OpenAI's rule keeps it
+    with pytest.raises(InvalidRequestError, match="alpha channel but no fully transparent pixel") as caught:
+        decode_mask(encode(mask), "mask", (2, 1))
+    assert caught.value.param == "mask"
 
 
 def test_mask_of_another_size_names_both_sizes():
@@ -343,7 +345,7 @@ def test_mask_that_keeps_everything_is_refused_naming_the_convention():
 
 
 def test_alpha_mask_without_a_fully_transparent_pixel_is_refused():
-    with pytest.raises(InvalidRequestError, match="has transparency but no fully transparent pixel"):
+    with pytest.raises(InvalidRequestError, match="has an alpha channel but no fully transparent pixel"):
         decode_mask(encode(Image.new("RGBA", (8, 8), (255, 255, 255, 128))), "mask", (8, 8))
 
 
