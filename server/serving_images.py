@@ -22,7 +22,7 @@ from server.edit_inputs import check_edit_inputs
 from server.errors import BadRequestError
 from server.generation import Generator, ImageJob, cancel_on_disconnect
 from server.metrics import Metrics
-from server.models_registry import ModelRegistry
+from server.models_registry import ModelRegistry, ResolvedModel
 from server.protocol import ImageData, ImageEditRequest, ImageGenerationRequest, ImagesResponse, ImageVariationRequest
 
 ROUTE = "/v1/images/generations"
@@ -41,19 +41,7 @@ class ImagesService:
 
     async def generate(self, req: ImageGenerationRequest, receive: Receive) -> ImagesResponse:
         model = await self.registry.resolve(req.model or self.default_model)
-        job = self.generator.job(
-            model=model,
-            prompt=req.prompt,
-            size=req.size,
-            n=req.n,
-            temperature=None,
-            seed=req.seed,
-            negative_prompt=req.negative_prompt,
-            steps=req.steps,
-            guidance_scale=req.guidance_scale,
-            sampler=req.sampler,
-            response_format=req.response_format,
-        )
+        job = self._job(model, req, req.prompt, req.negative_prompt, req.guidance_scale)
         return await self._answer(job, receive, ROUTE)
 
     async def edit(self, req: ImageEditRequest, receive: Receive) -> ImagesResponse:
@@ -64,21 +52,8 @@ class ImagesService:
         image = _one_image(req.image)
         model = await self.registry.resolve(req.model or self.default_model)
         await check_edit_inputs(image, req.mask, "image")
-        job = self.generator.job(
-            model=model,
-            prompt=req.prompt,
-            size=req.size,
-            n=req.n,
-            temperature=None,
-            seed=req.seed,
-            negative_prompt=req.negative_prompt,
-            steps=req.steps,
-            guidance_scale=req.guidance_scale,
-            sampler=req.sampler,
-            response_format=req.response_format,
-            image=image,
-            mask=req.mask,
-            strength=req.strength,
+        job = self._job(
+            model, req, req.prompt, req.negative_prompt, req.guidance_scale, image=image, mask=req.mask, strength=req.strength
         )
         return await self._answer(job, receive, EDITS_ROUTE)
 
@@ -86,22 +61,26 @@ class ImagesService:
         image = _one_image(req.image)
         model = await self.registry.resolve(req.model or self.default_model)
         await check_edit_inputs(image, None, "image")
-        job = self.generator.job(
+        strength = req.strength if req.strength is not None else VARIATION_STRENGTH
+        job = self._job(model, req, "", None, None, image=image, strength=strength)
+        return await self._answer(job, receive, VARIATIONS_ROUTE)
+
+    def _job(self, model: ResolvedModel, req, prompt: str, negative_prompt: str | None, guidance_scale: float | None, **edit) -> ImageJob:
+        """The fields every Images API request has in common (no temperature: the seed is random unless given)."""
+        return self.generator.job(
             model=model,
-            prompt="",
+            prompt=prompt,
             size=req.size,
             n=req.n,
             temperature=None,
             seed=req.seed,
-            negative_prompt=None,
+            negative_prompt=negative_prompt,
             steps=req.steps,
-            guidance_scale=None,
+            guidance_scale=guidance_scale,
             sampler=req.sampler,
             response_format=req.response_format,
-            image=image,
-            strength=req.strength if req.strength is not None else VARIATION_STRENGTH,
+            **edit,
         )
-        return await self._answer(job, receive, VARIATIONS_ROUTE)
 
     async def _answer(self, job: ImageJob, receive: Receive, route: str) -> ImagesResponse:
         result = await cancel_on_disconnect(self.generator.run(job), receive, self.metrics, route)

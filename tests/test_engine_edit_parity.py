@@ -147,21 +147,22 @@ def assert_same_edit(ours: np.ndarray, theirs: np.ndarray, label: str) -> None:
 GRID = [(sampler, strength) for sampler in SAMPLERS for strength in STRENGTHS]
 
 
+def compare(family: str, sampler: str, strength: float, inpaint: bool, label: str, checkpoints, packages, monkeypatch) -> None:
+    req = edit_request(family, sampler, strength, inpaint=inpaint)
+    ours = engine_image(packages(family), req)
+    theirs = diffusers_image(checkpoints(family), req, monkeypatch)
+    assert_same_edit(ours, theirs, f"{label} {sampler} {strength}")
+
+
 @pytest.mark.parametrize("sampler,strength", GRID)
 def test_sd1_img2img_matches_diffusers(sampler, strength, tiny_checkpoint, tiny_package, monkeypatch):
-    req = edit_request("sd1", sampler, strength, inpaint=False)
-    ours = engine_image(tiny_package("sd1"), req)
-    theirs = diffusers_image(tiny_checkpoint("sd1"), req, monkeypatch)
-    assert_same_edit(ours, theirs, f"sd1 img2img {sampler} {strength}")
+    compare("sd1", sampler, strength, False, "sd1 img2img", tiny_checkpoint, tiny_package, monkeypatch)
 
 
 @pytest.mark.parametrize("sampler,strength", GRID)
 def test_sd1_inpaint_with_a_plain_unet_matches_diffusers(sampler, strength, tiny_checkpoint, tiny_package, monkeypatch):
     """A 4-channel UNet: the kept region is reset to the noised input after every step."""
-    req = edit_request("sd1", sampler, strength, inpaint=True)
-    ours = engine_image(tiny_package("sd1"), req)
-    theirs = diffusers_image(tiny_checkpoint("sd1"), req, monkeypatch)
-    assert_same_edit(ours, theirs, f"sd1 inpaint (4-channel) {sampler} {strength}")
+    compare("sd1", sampler, strength, True, "sd1 inpaint (4-channel)", tiny_checkpoint, tiny_package, monkeypatch)
 
 
 @pytest.mark.parametrize("sampler,strength", GRID)
@@ -169,26 +170,17 @@ def test_sd1_inpaint_with_an_inpainting_unet_matches_diffusers(
     sampler, strength, tiny_checkpoint, tiny_package, monkeypatch
 ):
     """A 9-channel UNet: the mask and masked input's latents are UNet inputs at every step."""
-    req = edit_request("sd1-inpaint", sampler, strength, inpaint=True)
-    ours = engine_image(tiny_package("sd1-inpaint"), req)
-    theirs = diffusers_image(tiny_checkpoint("sd1-inpaint"), req, monkeypatch)
-    assert_same_edit(ours, theirs, f"sd1-inpaint (9-channel) {sampler} {strength}")
+    compare("sd1-inpaint", sampler, strength, True, "sd1-inpaint (9-channel)", tiny_checkpoint, tiny_package, monkeypatch)
 
 
 @pytest.mark.parametrize("sampler,strength", GRID)
 def test_sdxl_img2img_matches_diffusers(sampler, strength, tiny_checkpoint, tiny_package, monkeypatch):
-    req = edit_request("sdxl", sampler, strength, inpaint=False)
-    ours = engine_image(tiny_package("sdxl"), req)
-    theirs = diffusers_image(tiny_checkpoint("sdxl"), req, monkeypatch)
-    assert_same_edit(ours, theirs, f"sdxl img2img {sampler} {strength}")
+    compare("sdxl", sampler, strength, False, "sdxl img2img", tiny_checkpoint, tiny_package, monkeypatch)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "ddim"])
 def test_v_prediction_img2img_matches_diffusers(sampler, tiny_checkpoint, tiny_package, monkeypatch):
-    req = edit_request("sd2v", sampler, 0.75, inpaint=False)
-    ours = engine_image(tiny_package("sd2v"), req)
-    theirs = diffusers_image(tiny_checkpoint("sd2v"), req, monkeypatch)
-    assert_same_edit(ours, theirs, f"sd2v img2img {sampler} 0.75")
+    compare("sd2v", sampler, 0.75, False, "sd2v img2img", tiny_checkpoint, tiny_package, monkeypatch)
 
 
 def test_paste_back_keeps_the_input_outside_the_mask_and_the_edit_inside(tiny_package):
