@@ -329,13 +329,13 @@ class Pipeline:
                 second = len(batch)
                 batch.append(edit.masked_pixels)
             where[id(s)] = (key, first, second)
-        outputs = {key: self._vae_encode(np.stack(batch)) for key, batch in rows.items()}
+        outputs = {key: self.vae_encode(np.stack(batch)) for key, batch in rows.items()}
         return {
             sid: (outputs[key][first], outputs[key][second] if second is not None else None)
             for sid, (key, first, second) in where.items()
         }
 
-    def _vae_encode(self, pixels: np.ndarray) -> np.ndarray:
+    def vae_encode(self, pixels: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) in [-1, 1] -> (B, 2C, H/8, W/8) latent distribution parameters."""
         if self.vae_encoder is None:
             raise InvalidRequestError(
@@ -400,7 +400,7 @@ class Pipeline:
         if blank is None:
             c, h, w = s.shape
             scale = self.manifest.vae_scale_factor
-            params = self._vae_encode(np.zeros((1, 3, h * scale, w * scale), np.float32))[0]
+            params = self.vae_encode(np.zeros((1, 3, h * scale, w * scale), np.float32))[0]
             mean = self._scale_latents(np.split(params, 2, axis=0)[0])
             blank = self._blank_context[s.shape] = np.concatenate([np.ones((1, h, w), np.float32), mean])
         return blank

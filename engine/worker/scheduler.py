@@ -274,13 +274,16 @@ class Scheduler:
     # ---- life cycle ----------------------------------------------------------------------
 
     def warm_up(self, model: str, width: int, height: int, batch: int) -> None:
-        """One guided step and one decode at `batch` x `width`x`height`: creates the sessions and
+        """One guided step, one decode and one VAE encoding at `batch` x `width`x`height`: creates the sessions and
         sizes the memory arenas before the worker says it is ready. Raises what the engine raised."""
         pipe = self.pipelines[model]
         req = ImageRequest(prompt="warm-up", width=width, height=height, seed=0, n=batch, steps=2, guidance_scale=7.5)
         samples = pipe.prepare([req])
         pipe.denoise_step(samples)
         pipe.decode(samples)
+        if pipe.vae_encoder is not None:  # the first edit at this size must not build its session
+            draw_w, draw_h = render_size(width, height, pipe.manifest.sizes)
+            pipe.vae_encode(np.zeros((1, 3, draw_h, draw_w), np.float32))
         encode_png(np.zeros((height, width, 3), dtype=np.uint8))
 
     def start(self) -> None:
