@@ -27,13 +27,14 @@ Policies (the README cites this list):
   geometry (bilinear), so mask and image stay aligned.
 - Masks: 1.0 = repaint, 0.0 = keep, binary, same size as the image. (a) OpenAI's rule, when the
   mask has transparency (RGBA, LA, PA, or a tRNS chunk): fully transparent pixels (alpha == 0)
-  are repainted, all others kept. (b) Without transparency (L, RGB, 1-bit, 16-bit grey), or with
-  an alpha channel that is opaque everywhere (so carries no information): white is repainted,
-  as in diffusers and AUTOMATIC1111, with luminance >= 128 counting as white. With no mask, an
+  are repainted, all others kept; an alpha channel opaque everywhere repaints nothing and is
+  refused. (b) Without an alpha channel (L, RGB, 1-bit, 16-bit grey): white is repainted, as in
+  diffusers and AUTOMATIC1111, with luminance >= 128 counting as white. With no mask, an
   image with fully transparent pixels is its own mask (OpenAI's rule, `mask_from_image_alpha`).
 - Feathering: the served image keeps the input outside the mask. The mask is grown by
   feather_px // 2 and blurred so the seam is soft; pixels farther than 2 * feather_px outside
-  the mask are exactly the input, and pixels more than feather_px inside exactly the generated.
+  the mask (in straight-line distance) are exactly the input, and pixels more than feather_px
+  inside (chessboard distance) exactly the generated.
 """
 
 from __future__ import annotations
@@ -307,9 +308,9 @@ def feathered_paste(
     original, generated: (H, W, 3) uint8; mask: (H, W) float, >= 0.5 = repainted. -> (H, W, 3)
     uint8 = original * (1 - w) + generated * w, where w is the mask grown by feather_px // 2 and
     Gaussian-blurred with sigma feather_px / 2 (so the blur's 2-sigma radius is feather_px).
-    That blur has already decayed to 0 (in 8-bit) by 2 * feather_px outside the mask and risen
-    to 1 by feather_px inside, so forcing those zones to exact 0 and 1 adds no visible step;
-    it guarantees untouched pixels are bit-for-bit the input.
+    Pixels farther than 2 * feather_px from the mask (straight-line distance) are forced to
+    exactly the input, and pixels more than feather_px inside to exactly the generated image;
+    the blur has (nearly) decayed there, so the forcing adds no visible step.
     """
     if original.shape != generated.shape or original.shape != (*mask.shape, 3):
         raise ValueError(
@@ -322,7 +323,9 @@ def feathered_paste(
     grown = _dilate(repaint, feather_px // 2)
     blurred = Image.fromarray(grown.astype(np.uint8) * 255).filter(ImageFilter.GaussianBlur(feather_px / 2))
     w = np.asarray(blurred, dtype=np.float32) / 255.0
-    w[~_dilate(repaint, 2 * feather_px)] = 0.0  # far outside: exactly the input
+    # Far outside: exactly the input. The square dilation reaches 2 * feather_px / sqrt(2) a side,
+    # so every pixel farther than 2 * feather_px from the mask in any direction is outside it.
+    w[~_dilate(repaint, int(2 * feather_px / 2**0.5))] = 0.0
     w[~_dilate(~repaint, feather_px)] = 1.0  # deep inside (image borders count as inside): exactly generated
     o = original.astype(np.float32)
     out = o + (generated.astype(np.float32) - o) * w[..., None]

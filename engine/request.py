@@ -65,7 +65,8 @@ class ModelLimits(msgspec.Struct, frozen=True, kw_only=True):
     default_steps: int = 30
     default_sampler: str = "euler"
     default_guidance_scale: float = 7.5
-    default_strength: float = 0.6
+    default_strength: float = 0.5  # img2img (a follow-up turn): keeps the layout, follows the prompt
+    default_inpaint_strength: float = 1.0  # with a mask: the masked region redrawn from noise, as diffusers
     samplers: tuple[str, ...] = ()
     max_steps: int = MAX_STEPS
     max_n: int = MAX_N
@@ -83,6 +84,15 @@ class ModelLimits(msgspec.Struct, frozen=True, kw_only=True):
             max_prompt_chars=min(self.max_prompt_chars, max_prompt_chars),
             max_side=min(self.max_side, max_side) if max_side else self.max_side,
         )
+
+
+def default_strength(req: ImageRequest, limits: ModelLimits) -> float | None:
+    """An edit's strength when the request names none (None for text-to-image)."""
+    if not req.is_edit:
+        return None
+    if req.strength is not None:
+        return req.strength
+    return limits.default_inpaint_strength if req.mask is not None else limits.default_strength
 
 
 def edit_steps(steps: int, strength: float) -> tuple[int, int]:
@@ -109,6 +119,15 @@ def allowed_sizes_text(limits: ModelLimits) -> str:
 def size_fits(width: int, height: int, limits: ModelLimits) -> bool:
     lo, hi, k = limits.min_side, limits.max_side, limits.multiple_of
     return all(lo <= v <= hi and v % k == 0 for v in (width, height))
+
+
+def _size_problem(width: int, height: int, limits: ModelLimits) -> str:
+    for side, value in (("width", width), ("height", height)):
+        if value % limits.multiple_of:
+            return f"{side} {value} is not a multiple of {limits.multiple_of}"
+        if not (limits.min_side <= value <= limits.max_side):
+            return f"{side} {value} is outside {limits.min_side}..{limits.max_side}"
+    return f"size {width}x{height} is not allowed"
 
 
 def validate_request(req: ImageRequest, limits: ModelLimits, *, size_param: str = "size") -> None:
@@ -147,7 +166,7 @@ def validate_request(req: ImageRequest, limits: ModelLimits, *, size_param: str 
         raise InvalidRequestError("give both width and height, or neither", param=size_param)
     if req.width is not None and not size_fits(req.width, req.height, limits):
         raise InvalidRequestError(
-            f"size {req.width}x{req.height} is not supported by model '{limits.name}'; use {allowed_sizes_text(limits)}",
+            f"{_size_problem(req.width, req.height, limits)}: model '{limits.name}' takes {allowed_sizes_text(limits)}",
             param=size_param,
         )
     _validate_edit(req, limits)

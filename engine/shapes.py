@@ -22,20 +22,6 @@ def parse_size(text: str, param: str = "size") -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def check_size(width: int, height: int, limits: SizeLimits, param: str = "size") -> None:
-    for side, value in (("width", width), ("height", height)):
-        if value % limits.multiple_of:
-            raise InvalidRequestError(
-                f"{side} {value} is not a multiple of {limits.multiple_of}; "
-                f"try {value // limits.multiple_of * limits.multiple_of or limits.multiple_of}",
-                param=param,
-            )
-        if not (limits.min_side <= value <= limits.max_side):
-            raise InvalidRequestError(
-                f"{side} {value} is outside this model's limits ({limits.min_side}..{limits.max_side})", param=param
-            )
-
-
 def latent_shape(width: int, height: int, channels: int, scale: int) -> tuple[int, int, int]:
     """Pixels -> one sample's latent shape (C, H/scale, W/scale)."""
     return channels, height // scale, width // scale

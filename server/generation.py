@@ -127,8 +127,8 @@ class Generator:
         width, height = resolve_size(None if size == "auto" else size, model, image, image_param)
         n = 1 if n is None else n
         steps = steps if steps is not None else model.config.default_steps
-        if image is not None and strength is None:
-            strength = model.limits.default_strength  # filled here so that it is checked here
+        if image is not None and strength is None:  # filled here so that it is checked here
+            strength = model.limits.default_inpaint_strength if mask is not None else model.limits.default_strength
         content = {
             "model": model.config.worker_model,
             "prompt": prompt,
