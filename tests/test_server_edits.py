@@ -384,6 +384,22 @@ def test_chat_edit_through_the_openai_client(live):
     assert completion.model_extra["seeds"] == [3]
 
 
+def test_the_readme_two_turn_chat_with_the_openai_client_edits_the_first_picture(live):
+    """The README's example: the assistant's content is sent back as it came, then a new turn."""
+    client = live.openai()
+    history = [{"role": "user", "content": "a red circle on a blue background"}]
+    first = client.chat.completions.create(model=MODEL, messages=history, extra_body={"size": "96x64"})
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "a red circle on a green background"},
+    ]
+    second = client.chat.completions.create(model=MODEL, messages=history)
+    content = second.choices[0].message.content
+    assert content[-1]["text"].startswith("Here is the edited image")
+    picture = httpx.get(content[0]["image_url"]["url"]).content
+    assert Image.open(io.BytesIO(picture)).size == (96, 64)  # the first picture's size, not the default
+
+
 def test_chat_edit_counts_the_input_picture_as_prompt_tokens(live):
     with_picture = post_chat(live, chat_edit(data_url(png(128, 128)))).json()
     text_only = post_chat(live, {"model": MODEL, "size": "128x128",
