@@ -42,7 +42,7 @@ def create_app(config: Config, engine: EnginePort, *, close_engine: bool = False
     store = ImageStore(config.images.dir, config.images.ttl_minutes * 60.0, config.public_url)
     registry = ModelRegistry(config, engine)
     generator = Generator(config, engine, store, metrics)
-    chat_service = ChatService(registry, generator, metrics, store)
+    chat_service = ChatService(registry, generator, metrics, store, default_shape=config.images.chat_answer)
     images_service = ImagesService(registry, generator, metrics, default_model=config.models[0].name)
 
     @asynccontextmanager

@@ -72,6 +72,11 @@ class ImagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ttl_minutes: float = 60.0
     cleanup_interval_s: float = 60.0
     response_format: str = "url"  # default for both APIs: "url" or "b64_json" (a data: URL in chat)
+    # Where chat answers put the pictures when the request does not say (`modalities`):
+    # "content_parts" (the seed contract: image_url parts in message.content) or "message_images"
+    # (OpenRouter's: message.content the text, message.images the pictures), for clients that
+    # read content as a string and cannot send modalities.
+    chat_answer: str = "content_parts"
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -206,6 +211,8 @@ def validate(config: Config, source: str = "config") -> None:
         raise bad("images.cleanup_interval_s", f"must be positive, got {im.cleanup_interval_s}")
     if im.response_format not in ("url", "b64_json"):
         raise bad("images.response_format", f"must be 'url' or 'b64_json', got {im.response_format!r}")
+    if im.chat_answer not in ("content_parts", "message_images"):
+        raise bad("images.chat_answer", f"must be 'content_parts' or 'message_images', got {im.chat_answer!r}")
 
     lim = config.limits
     if not (1 <= lim.max_n <= 128):

@@ -4,8 +4,9 @@ Rules (documented in the README):
   - The prompt is the last user message's text (a string, or its text parts joined by newlines).
   - The picture edited is the latest one in the conversation: one attached to the last user
     message (at most one: this model family edits one image), else the last `image_url` part of
-    any earlier message, newest first -- typically the picture Kiln answered with, sent back as
-    the assistant's history, so "now on a green background" changes the last picture.
+    any earlier message (in its content, or in an assistant message's `images`, OpenRouter's
+    shape), newest first -- typically the picture Kiln answered with, sent back as the
+    assistant's history, so "now on a green background" changes the last picture.
   - No picture anywhere: text-to-image, as before.
 System, developer and tool messages are accepted and do not change the picture.
 """
@@ -42,14 +43,25 @@ def read_conversation(messages: list[ChatMessage]) -> ChatAsk:
     if attached:
         return ChatAsk(prompt, attached[0])
     for i in range(last_user - 1, -1, -1):
-        content = messages[i].content
-        if not isinstance(content, list):
-            continue
-        for j in range(len(content) - 1, -1, -1):
-            part = content[j]
-            if isinstance(part, ImageUrlPart):
-                return ChatAsk(prompt, PictureRef(part.image_url.url, f"messages[{i}].content[{j}]", attached=False))
+        found = _pictures_of(messages[i], i)
+        if found:
+            return ChatAsk(prompt, found[-1])
     return ChatAsk(prompt, None)  # an empty prompt is refused with the request's other checks
+
+
+def _pictures_of(message: ChatMessage, i: int) -> list[PictureRef]:
+    """A history message's pictures, in order: image_url parts of its content, then its `images`
+    (OpenRouter's shape of an assistant answer)."""
+    found = []
+    if isinstance(message.content, list):
+        found += [
+            PictureRef(part.image_url.url, f"messages[{i}].content[{j}]", attached=False)
+            for j, part in enumerate(message.content)
+            if isinstance(part, ImageUrlPart)
+        ]
+    for j, part in enumerate(message.images or ()):
+        found.append(PictureRef(part.image_url.url, f"messages[{i}].images[{j}]", attached=False))
+    return found
 
 
 def _last_user_index(messages: list[ChatMessage]) -> int:

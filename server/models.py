@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from litestar import get
-from litestar.openapi import ResponseSpec
 
 from server.models_registry import ModelRegistry
 from server.openapi_docs import error_spec

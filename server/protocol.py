@@ -48,6 +48,7 @@ class ChatMessage(msgspec.Struct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    images: list[ImageUrlPart] | None = None  # an assistant's pictures in OpenRouter's shape, sent back
 
 
 class StreamOptions(msgspec.Struct):
@@ -81,6 +82,8 @@ class ChatCompletionRequest(msgspec.Struct):
     sampler: str | None = None
     preview_every: Annotated[int, Meta(ge=0, le=1000)] | None = None  # stream: a JPEG preview every k steps
     strength: Strength | None = None  # an edit's strength (a conversation with a picture in it)
+    # OpenRouter's: ["image", "text"] asks for content as a string and the pictures in message.images
+    modalities: list[str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,8 +103,12 @@ class TextContent(msgspec.Struct, tag_field="type", tag="text"):
 
 
 class AssistantMessage(msgspec.Struct):
-    content: list[ImageUrlContent | TextContent]
+    """The seed's shape: content = the image_url parts, then the text part. With `modalities`
+    (OpenRouter's shape): content = the text, images = the image_url parts."""
+
+    content: list[ImageUrlContent | TextContent] | str
     role: str = "assistant"
+    images: list[ImageUrlContent] | UnsetType = UNSET
 
 
 class Usage(msgspec.Struct):
@@ -145,7 +152,8 @@ class TextDelta(msgspec.Struct, tag_field="type", tag="text"):
 
 class Delta(msgspec.Struct):
     role: str | UnsetType = UNSET
-    content: list[ImageUrlDelta | TextDelta] | UnsetType = UNSET
+    content: list[ImageUrlDelta | TextDelta] | str | UnsetType = UNSET  # a string in OpenRouter's shape
+    images: list[ImageUrlDelta] | UnsetType = UNSET  # OpenRouter's shape
 
 
 class ChunkChoice(msgspec.Struct):

@@ -2,8 +2,12 @@
 
 The prompt is the last user message; a picture in the conversation (attached to that message, or
 the last one of the history) is edited instead of drawing from scratch: see server/conversation.py
-for the rules. The answer is one choice whose content is the n `image_url` parts followed by one
-`text` part.
+for the rules.
+
+Two answer shapes: the seed contract's (by default), one choice whose content is the n `image_url`
+parts followed by one `text` part; and OpenRouter's, when the request's `modalities` include
+"image" (or `images.chat_answer` says so): content is the text as a string and `message.images`
+holds the n `image_url` parts -- what LiteLLM and the openai SDK's typed models read.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from server.protocol import (
 from server.streaming import ChatStream
 
 ROUTE = "/v1/chat/completions"
+MODALITIES = ("image", "text")
 Receive = Callable[[], Awaitable[dict]]
 
 
@@ -60,8 +65,11 @@ def closing_text(prompt: str, n: int, edited: bool = False) -> str:
 
 
 class ChatService:
-    def __init__(self, registry: ModelRegistry, generator: Generator, metrics: Metrics, store: ImageStore):
+    def __init__(
+        self, registry: ModelRegistry, generator: Generator, metrics: Metrics, store: ImageStore, default_shape: str = "content_parts"
+    ):
         self.registry, self.generator, self.metrics, self.store = registry, generator, metrics, store
+        self.default_shape = default_shape
 
     async def prepare(self, req: ChatCompletionRequest) -> tuple[ImageJob, str]:
         """Validate everything before any work: the job, and the prompt it was made from."""
@@ -105,18 +113,38 @@ class ChatService:
             )
         return job, prompt
 
+    def answer_shape(self, req: ChatCompletionRequest) -> str:
+        """"message_images" (OpenRouter's) when the request's `modalities` include "image", the
+        server's default (`images.chat_answer`) without `modalities`; a 400 for modalities this
+        model does not produce."""
+        if req.modalities is None:
+            return self.default_shape
+        unknown = [m for m in req.modalities if m not in MODALITIES]
+        if unknown or "image" not in req.modalities:
+            raise BadRequestError(
+                f"modalities {req.modalities!r}: this model only makes images (with a text line); "
+                'ask for ["image", "text"], or leave modalities out',
+                param="modalities",
+            )
+        return "message_images"
+
     async def complete(self, req: ChatCompletionRequest, receive: Receive) -> ChatCompletion:
+        shape = self.answer_shape(req)
         job, prompt = await self.prepare(req)
         result = await cancel_on_disconnect(self.generator.run(job), receive, self.metrics, ROUTE)
         urls = await self.generator.publish(result.images_png, job.response_format)
-        content: list[ImageUrlContent | TextContent] = [ImageUrlContent(image_url=ImageUrlOut(url=u)) for u in urls]
-        content.append(TextContent(text=closing_text(prompt, job.params.n, job.params.is_edit)))
+        pictures = [ImageUrlContent(image_url=ImageUrlOut(url=u)) for u in urls]
+        text = closing_text(prompt, job.params.n, job.params.is_edit)
+        if shape == "message_images":
+            message = AssistantMessage(content=text, images=pictures)
+        else:
+            message = AssistantMessage(content=[*pictures, TextContent(text=text)])
         prompt_tokens = result.prompt_tokens + job.input_image_tokens
         return ChatCompletion(
             id=new_id(),
             created=int(time.time()),
             model=req.model,
-            choices=[ChatChoice(message=AssistantMessage(content=content))],
+            choices=[ChatChoice(message=message)],
             usage=Usage(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=job.completion_tokens,
@@ -127,6 +155,7 @@ class ChatService:
 
     async def stream(self, req: ChatCompletionRequest, receive: Receive, request_id: str = "-") -> ChatStream:
         """A started stream: errors that come before the first progress event are raised here (a real status)."""
+        shape = self.answer_shape(req)
         job, prompt = await self.prepare(req)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         stream = ChatStream(
@@ -138,6 +167,7 @@ class ChatService:
             text=closing_text(prompt, job.params.n, job.params.is_edit),
             include_usage=include_usage,
             request_id=request_id,
+            shape=shape,
         )
         await stream.start(receive)
         return stream

@@ -6,6 +6,8 @@ Order of chunks (all with the same id, created and model):
      (`image_index`, `step`, `total_steps`, optionally a JPEG `preview` data: URL)
   3. one chunk per image: `delta.content = [{"index": k, "type": "image_url", "image_url": {"url": ...}}]`
   4. the text part: `delta.content = [{"index": n, "type": "text", "text": ...}]`
+     (OpenRouter's shape, with `modalities`: 3. is `delta.images = [{"index": k, "type": "image_url",
+     ...}]` per image and 4. `delta.content = "<the text>"`)
   5. `delta: {}`, `finish_reason: "stop"` (and the images' `seeds`)
   6. with `stream_options.include_usage`: `choices: []` and `usage` (every earlier chunk has `usage: null`)
 Every content part carries an integer `index`, which is how the openai client's `stream()` helper
@@ -63,11 +65,13 @@ class ChatStream:
         text: str,
         include_usage: bool,
         request_id: str = "-",
+        shape: str = "content_parts",
     ):
         self.job, self.generator, self.metrics = job, generator, metrics
         self.id, self.model, self.text = completion_id, model, text
         self.include_usage = include_usage
         self.request_id = request_id
+        self.shape = shape
         self.created = int(time.time())
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task: asyncio.Task | None = None
@@ -150,9 +154,14 @@ class ChatStream:
                 yield error_event(e, self.request_id)
                 yield DONE_EVENT
                 return
-            for k, url in enumerate(urls):
-                yield self._chunk(Delta(content=[ImageUrlDelta(index=k, image_url=ImageUrlOut(url=url))]))
-            yield self._chunk(Delta(content=[TextDelta(index=len(urls), text=self.text)]))
+            if self.shape == "message_images":  # OpenRouter's: pictures in delta.images, the text as a string
+                for k, url in enumerate(urls):
+                    yield self._chunk(Delta(images=[ImageUrlDelta(index=k, image_url=ImageUrlOut(url=url))]))
+                yield self._chunk(Delta(content=self.text))
+            else:
+                for k, url in enumerate(urls):
+                    yield self._chunk(Delta(content=[ImageUrlDelta(index=k, image_url=ImageUrlOut(url=url))]))
+                yield self._chunk(Delta(content=[TextDelta(index=len(urls), text=self.text)]))
             yield self._chunk(Delta(), finish_reason="stop", seeds=list(result.seeds))
             if self.include_usage:
                 tokens = self.job.completion_tokens

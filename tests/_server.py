@@ -165,7 +165,9 @@ def shared_server(package: Path) -> LiveServer:
     return server
 
 
-def thread_server(package: Path, worker: str, images: Path, server: dict | None = None, **limits) -> LiveServer:
+def thread_server(
+    package: Path, worker: str, images: Path, server: dict | None = None, images_options: dict | None = None, **limits
+) -> LiveServer:
     """Another front end (uvicorn in a thread of this process) on `worker`, with other settings."""
     import asyncio
 
@@ -183,7 +185,7 @@ def thread_server(package: Path, worker: str, images: Path, server: dict | None 
             {"name": MODEL, "package": str(package), "aliases": list(ALIASES), "default_size": "64x64", "default_steps": 2, "max_side": 128}
         ],
         "workers": {"local": 0, "remote": [worker]},
-        "images": {"dir": str(images)},
+        "images": {"dir": str(images), **(images_options or {})},
         "limits": {"max_n": 2, "max_steps": 150, "retry_after_s": 3, **limits},
     }
     config = parse_config(raw, env={})
