@@ -20,6 +20,7 @@ from __future__ import annotations
 import msgspec
 
 from engine.errors import InvalidRequestError, UnknownSamplerError
+from engine.shapes import size_problem
 
 MAX_STEPS = 150  # a request over this is refused; the worker may configure a lower cap
 MAX_GUIDANCE = 50.0
@@ -117,17 +118,7 @@ def allowed_sizes_text(limits: ModelLimits) -> str:
 
 
 def size_fits(width: int, height: int, limits: ModelLimits) -> bool:
-    lo, hi, k = limits.min_side, limits.max_side, limits.multiple_of
-    return all(lo <= v <= hi and v % k == 0 for v in (width, height))
-
-
-def _size_problem(width: int, height: int, limits: ModelLimits) -> str:
-    for side, value in (("width", width), ("height", height)):
-        if value % limits.multiple_of:
-            return f"{side} {value} is not a multiple of {limits.multiple_of}"
-        if not (limits.min_side <= value <= limits.max_side):
-            return f"{side} {value} is outside {limits.min_side}..{limits.max_side}"
-    return f"size {width}x{height} is not allowed"
+    return size_problem(width, height, limits) is None
 
 
 def validate_request(req: ImageRequest, limits: ModelLimits, *, size_param: str = "size") -> None:
@@ -166,7 +157,7 @@ def validate_request(req: ImageRequest, limits: ModelLimits, *, size_param: str 
         raise InvalidRequestError("give both width and height, or neither", param=size_param)
     if req.width is not None and not size_fits(req.width, req.height, limits):
         raise InvalidRequestError(
-            f"{_size_problem(req.width, req.height, limits)}: model '{limits.name}' takes {allowed_sizes_text(limits)}",
+            f"{size_problem(req.width, req.height, limits)}: model '{limits.name}' takes {allowed_sizes_text(limits)}",
             param=size_param,
         )
     _validate_edit(req, limits)

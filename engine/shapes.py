@@ -22,6 +22,26 @@ def parse_size(text: str, param: str = "size") -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def size_problem(width: int, height: int, limits) -> str | None:
+    """Why width x height does not fit `limits` (anything with min_side, max_side, multiple_of:
+    a manifest's SizeLimits or a worker's ModelLimits), or None when it fits."""
+    for side, value in (("width", width), ("height", height)):
+        if value % limits.multiple_of:
+            return (
+                f"{side} {value} is not a multiple of {limits.multiple_of} "
+                f"(try {value // limits.multiple_of * limits.multiple_of or limits.multiple_of})"
+            )
+        if not (limits.min_side <= value <= limits.max_side):
+            return f"{side} {value} is outside this model's limits ({limits.min_side}..{limits.max_side})"
+    return None
+
+
+def check_size(width: int, height: int, limits: SizeLimits, param: str = "size") -> None:
+    problem = size_problem(width, height, limits)
+    if problem:
+        raise InvalidRequestError(problem, param=param)
+
+
 def latent_shape(width: int, height: int, channels: int, scale: int) -> tuple[int, int, int]:
     """Pixels -> one sample's latent shape (C, H/scale, W/scale)."""
     return channels, height // scale, width // scale
