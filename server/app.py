@@ -37,8 +37,8 @@ log = logging.getLogger("kiln.server")
 OPENAPI_PATH = "/schema"
 
 
-def create_app(config: Config, engine: EnginePort, *, close_engine: bool = False) -> Observed:
-    metrics = Metrics()
+def create_app(config: Config, engine: EnginePort, *, close_engine: bool = False, metrics: Metrics | None = None) -> Observed:
+    metrics = metrics or Metrics()
     store = ImageStore(config.images.dir, config.images.ttl_minutes * 60.0, config.public_url)
     registry = ModelRegistry(config, engine)
     generator = Generator(config, engine, store, metrics)

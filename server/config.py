@@ -64,6 +64,9 @@ class WorkersConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     warmup_sizes: list[str] = msgspec.field(default_factory=list)  # "WxH"; empty: each package's default
     batching: bool = True
     remote: list[str] = msgspec.field(default_factory=list)  # "host:port" of workers elsewhere
+    # CUDA_VISIBLE_DEVICES of each local worker, one entry per worker (one worker per GPU): ["0", "1"].
+    # Empty: the workers inherit this process's environment.
+    devices: list[str] = msgspec.field(default_factory=list)
     start_timeout_s: float = 300.0
 
 
@@ -195,6 +198,8 @@ def validate(config: Config, source: str = "config") -> None:
         raise bad("workers.max_batch", f"must be at least 1, got {w.max_batch}")
     if w.max_queue < 1:
         raise bad("workers.max_queue", f"must be at least 1, got {w.max_queue}")
+    if w.devices and len(w.devices) != w.local:
+        raise bad("workers.devices", f"has {len(w.devices)} entries for {w.local} local workers: give one device per worker")
     for size in w.warmup_sizes:
         if not SIZE_RE.match(size):
             raise bad("workers.warmup_sizes", f"entries look like 256x256, got {size!r}")

@@ -124,8 +124,10 @@ def serve(config: Config, generated_key: bool) -> int:
     from engine.client.local import LocalWorkers
     from engine.client.pool import WorkerPool
     from server.app import create_app
+    from server.metrics import Metrics
 
     w = config.workers
+    metrics = Metrics()
     local = None
     addresses = list(w.remote)
     # uvicorn stops on SIGINT/SIGTERM and then re-raises the signal; ours turns it into a clean
@@ -142,11 +144,13 @@ def serve(config: Config, generated_key: bool) -> int:
             warmup_sizes=w.warmup_sizes,
             batching=w.batching,
             threads=w.threads,
+            devices=w.devices or None,
+            on_restart=lambda address: metrics.worker_restarts.inc(worker=address),
         )
         log.info("starting %d local worker(s) for %s", w.local, ", ".join(packages))
         addresses += local.start(timeout=w.start_timeout_s)
     try:
-        app = create_app(config, WorkerPool(addresses), close_engine=True)
+        app = create_app(config, WorkerPool(addresses), close_engine=True, metrics=metrics)
         server = uvicorn.Server(
             uvicorn.Config(
                 app,

@@ -122,6 +122,9 @@ class Metrics:
         )
         self.stored_images = Gauge("kiln_hosted_images", "PNG files currently hosted under /v1/images/files.")
         self.workers_ready = Gauge("kiln_workers_ready", "1 when at least one worker is ready, else 0.")
+        self.worker_restarts = Counter(
+            "kiln_worker_restarts_total", "Local workers restarted after they exited, by worker address.", ("worker",)
+        )
 
     def all(self) -> list[_Metric]:
         return [m for m in vars(self).values() if isinstance(m, _Metric)]

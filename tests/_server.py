@@ -119,6 +119,22 @@ class LiveServer:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
+    def worker_pids(self) -> list[int]:
+        """The pids of the `kiln serve` process's children (its local workers)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [int(pid) for pid in children]
+
+    def wait_log(self, text: str, timeout: float) -> None:
+        """Until `text` appears in the server's log (a log line is the event waited for)."""
+        end = time.monotonic() + timeout
+        while text not in self.log.read_text(errors="replace"):
+            if time.monotonic() > end or self.proc.poll() is not None:
+                raise AssertionError(f"{text!r} not logged within {timeout:g} s:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def wait_ready(self, timeout: float) -> None:
+        wait_ready(self.url, timeout, self.proc, self.log)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -140,9 +156,18 @@ def shared_server(package: Path) -> LiveServer:
     if _SHARED is not None:
         return _SHARED
     base = Path(tempfile.mkdtemp(prefix="kiln-server-test-"))  # config, log and images; removed at exit
+    server = serve_process(package, base)
+    atexit.register(lambda: (server.stop(), shutil.rmtree(base, ignore_errors=True)))
+    _SHARED = server
+    return server
+
+
+def serve_process(package: Path, base: Path, **limits) -> LiveServer:
+    """A `kiln serve --config` child process of its own (config, log and images under `base`),
+    ready when this returns; the caller stops it."""
     port, worker_port = free_port(), free_port()
     config = base / "kiln.toml"
-    config.write_text(toml_config(package, port, worker_port, base / "images"))
+    config.write_text(toml_config(package, port, worker_port, base / "images", **limits))
     log = base / "server.log"
     env = {**os.environ, "KILN_API_KEYS": f"{API_KEY},{SECOND_KEY}", "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
@@ -160,8 +185,6 @@ def shared_server(package: Path) -> LiveServer:
     except BaseException:
         server.stop()
         raise
-    atexit.register(lambda: (server.stop(), shutil.rmtree(base, ignore_errors=True)))
-    _SHARED = server
     return server
 
 

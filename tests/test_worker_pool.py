@@ -16,7 +16,9 @@ from tests._workers import FAST, TOLERANCE, arun, max_diff, metrics, start_worke
 
 @pytest.fixture(scope="module")
 def workers(tiny_package, tmp_path_factory):
-    workers = start_workers(tiny_package("sd1"), count=2, log_dir=tmp_path_factory.mktemp("logs"))
+    # restart=False: these tests kill and restart workers themselves, to test the pool alone
+    # (tests/test_worker_supervision.py tests LocalWorkers' own restarts)
+    workers = start_workers(tiny_package("sd1"), count=2, log_dir=tmp_path_factory.mktemp("logs"), restart=False)
     yield workers
     workers.stop()
 

@@ -6,6 +6,13 @@
 Each worker listens on a free loopback port it picks itself (`--listen 127.0.0.1:0`) and writes
 its address to a ready file once loaded and warmed up, so there is no race for ports. On Linux a
 worker gets SIGTERM if the process that started it dies, so none is left orphaned.
+
+Supervision: once started, a thread per worker waits on it (reaping it: no zombie) and, when it
+exits while not being stopped, restarts it on the same address after a backoff (RESTART_BACKOFF_S
+doubling up to RESTART_BACKOFF_MAX_S; back to the start once a worker has stayed up for
+STABLE_AFTER_S), logs it and calls `on_restart(address)`. Meanwhile the client pool finds the
+worker down, answers 503 (WorkerUnavailableError) where no other worker can take a request, and
+probes it back once it is ready.
 """
 
 from __future__ import annotations
@@ -18,13 +25,18 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from engine.errors import WorkerUnavailableError
 
 log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_S = 0.5
+RESTART_BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
 
 
 def _death_signal():
@@ -60,6 +72,8 @@ class LocalWorkers:
         drain_timeout: float = 30.0,
         extra_args: Sequence[str] = (),
         log_dir: str | Path | None = None,  # default: workers log to this process's stderr
+        restart: bool = True,  # restart a worker that exits while not being stopped
+        on_restart: Callable[[str], None] | None = None,  # called with the address once it is ready again
     ):
         if count < 1:
             raise ValueError(f"count must be at least 1, got {count}")
@@ -86,7 +100,13 @@ class LocalWorkers:
         self.log_dir = Path(log_dir) if log_dir else None
         self.processes: list[subprocess.Popen] = []
         self.addresses: list[str] = []
+        self.restarts: list[int] = [0] * count
+        self.restart = restart
+        self.on_restart = on_restart
         self._tmp: str | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # a restart and stop() never interleave
+        self._supervisors: list[threading.Thread] = []
 
     def command(self, index: int, ready_file: Path) -> list[str]:
         cmd = [sys.executable, "-m", "kiln.cli", "worker"]
@@ -94,29 +114,37 @@ class LocalWorkers:
             cmd += ["--package", str(package)]
         return cmd + ["--listen", f"{self.host}:{self.ports[index]}", "--ready-file", str(ready_file), *self.options]
 
+    def _spawn(self, index: int, ready: Path, listen_port: int) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.devices[index]
+        out = None
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"worker-{index}.log", "ab")
+        ready.unlink(missing_ok=True)
+        self.ports[index] = listen_port
+        try:
+            return subprocess.Popen(
+                self.command(index, ready),
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                preexec_fn=_death_signal(),
+            )
+        finally:
+            if out:
+                out.close()
+
+    def _ready_file(self, index: int) -> Path:
+        return Path(self._tmp) / f"worker-{index}.ready"
+
     def start(self, timeout: float = 300.0) -> list[str]:
         """Start the workers and wait until every one is ready; their addresses, in order."""
         self._tmp = tempfile.mkdtemp(prefix="kiln-workers-")
-        ready_files = [Path(self._tmp) / f"worker-{i}.ready" for i in range(self.count)]
-        for i, ready in enumerate(ready_files):
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            if self.devices is not None:
-                env["CUDA_VISIBLE_DEVICES"] = self.devices[i]
-            out = None
-            if self.log_dir:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                out = open(self.log_dir / f"worker-{i}.log", "ab")
-            self.processes.append(
-                subprocess.Popen(
-                    self.command(i, ready),
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT if out else None,
-                    preexec_fn=_death_signal(),
-                )
-            )
-            if out:
-                out.close()
+        self._stopping.clear()
+        ready_files = [self._ready_file(i) for i in range(self.count)]
+        self.processes = [self._spawn(i, ready, self.ports[i]) for i, ready in enumerate(ready_files)]
         end = time.monotonic() + timeout
         addresses: list[str | None] = [None] * self.count
         while None in addresses:
@@ -132,14 +160,69 @@ class LocalWorkers:
                 raise WorkerUnavailableError(f"the workers were not ready within {timeout:g} s")
             time.sleep(0.05)
         self.addresses = [a for a in addresses if a]
+        self._start_timeout = timeout
+        if self.restart:
+            self._supervisors = [
+                threading.Thread(target=self._supervise, args=(i,), name=f"kiln-supervise-{i}", daemon=True)
+                for i in range(self.count)
+            ]
+            for thread in self._supervisors:
+                thread.start()
         log.info("%d local worker(s) ready: %s", self.count, ", ".join(self.addresses))
         return self.addresses
+
+    def _supervise(self, index: int) -> None:
+        """Wait on worker `index`; restart it (same address) whenever it exits while we run.
+
+        Runs in its own thread, which also starts the restarted processes: on Linux a child's
+        death signal follows the thread that started it, and this thread lives until stop()."""
+        address = self.addresses[index]
+        port = int(address.rsplit(":", 1)[1])
+        backoff = RESTART_BACKOFF_S
+        while True:
+            proc = self.processes[index]
+            started = time.monotonic()
+            code = proc.wait()  # reaps it
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started > STABLE_AFTER_S:
+                backoff = RESTART_BACKOFF_S
+            log.warning("worker %d (%s, pid %d) exited with status %s: restarting it in %.1f s", index, address, proc.pid, code, backoff)
+            if self._stopping.wait(backoff):
+                return
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                ready = self._ready_file(index)
+                self.processes[index] = self._spawn(index, ready, port)
+            if self._wait_ready(index, ready):
+                self.restarts[index] += 1
+                log.warning("worker %d (%s) restarted and ready (restart %d)", index, address, self.restarts[index])
+                if self.on_restart:
+                    self.on_restart(address)
+
+    def _wait_ready(self, index: int, ready: Path) -> bool:
+        """True once the restarted worker wrote its ready file; False if it exited or we stop."""
+        end = time.monotonic() + self._start_timeout
+        while not self._stopping.is_set() and time.monotonic() < end:
+            if ready.is_file():
+                return True
+            if self.processes[index].poll() is not None:
+                return False  # the loop waits on it and backs off
+            self._stopping.wait(0.05)
+        if not self._stopping.is_set():
+            log.error("worker %d was not ready within %g s of its restart: killing it to try again", index, self._start_timeout)
+            self.processes[index].kill()
+        return False
 
     async def astart(self, timeout: float = 300.0) -> list[str]:
         return await asyncio.to_thread(self.start, timeout)
 
     def stop(self, timeout: float = 30.0) -> list[int | None]:
         """SIGTERM every worker (they drain), SIGKILL any still running after `timeout`; exit codes."""
+        with self._lock:
+            self._stopping.set()  # no restart from here on
         for proc in self.processes:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -152,6 +235,9 @@ class LocalWorkers:
                 log.warning("worker pid %d did not stop within %g s: killing it", proc.pid, timeout)
                 proc.kill()
                 codes.append(proc.wait())
+        for thread in self._supervisors:
+            thread.join(timeout)
+        self._supervisors = []
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
