@@ -29,6 +29,7 @@ from server.images_store import ImageStore
 from server.metrics import Metrics
 from server.models_registry import ModelRegistry
 from server.observe import Observed
+from server.shutdown import Drain
 from server.serving_chat import ChatService
 from server.serving_images import ImagesService
 
@@ -39,9 +40,10 @@ OPENAPI_PATH = "/schema"
 
 def create_app(config: Config, engine: EnginePort, *, close_engine: bool = False, metrics: Metrics | None = None) -> Observed:
     metrics = metrics or Metrics()
+    drain = Drain(config.limits.drain_timeout, config.limits.retry_after_s)
     store = ImageStore(config.images.dir, config.images.ttl_minutes * 60.0, config.public_url)
     registry = ModelRegistry(config, engine)
-    generator = Generator(config, engine, store, metrics)
+    generator = Generator(config, engine, store, metrics, drain)
     chat_service = ChatService(registry, generator, metrics, store, default_shape=config.images.chat_answer)
     images_service = ImagesService(registry, generator, metrics, default_model=config.models[0].name)
 
@@ -100,7 +102,7 @@ def create_app(config: Config, engine: EnginePort, *, close_engine: bool = False
         lifespan=[lifespan],
         logging_config=None,
     )
-    return Observed(app, metrics)
+    return Observed(app, metrics, drain)
 
 
 async def _clean_forever(store: ImageStore, interval_s: float) -> None:

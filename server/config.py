@@ -87,7 +87,14 @@ class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_steps: int = 100
     max_prompt_chars: int = 4000
     request_timeout_s: float = 300.0
+    # On SIGTERM, how long requests in flight may still run (server/shutdown.py). None: the request
+    # timeout + 5 s, so that no request that could still succeed is cut.
+    drain_timeout_s: float | None = None
     retry_after_s: int = 2  # sent with 429/503
+
+    @property
+    def drain_timeout(self) -> float:
+        return self.drain_timeout_s if self.drain_timeout_s is not None else self.request_timeout_s + 5.0
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -228,6 +235,8 @@ def validate(config: Config, source: str = "config") -> None:
         raise bad("limits.max_prompt_chars", f"must be positive, got {lim.max_prompt_chars}")
     if lim.request_timeout_s <= 0:
         raise bad("limits.request_timeout_s", f"must be positive, got {lim.request_timeout_s}")
+    if lim.drain_timeout_s is not None and lim.drain_timeout_s < 0:
+        raise bad("limits.drain_timeout_s", f"must be 0 or more, got {lim.drain_timeout_s}")
     if lim.retry_after_s < 0:
         raise bad("limits.retry_after_s", f"must be 0 or more, got {lim.retry_after_s}")
 

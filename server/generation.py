@@ -33,6 +33,7 @@ from server.errors import BadRequestError, ClientDisconnectedError
 from server.images_store import ImageStore, data_url
 from server.metrics import Metrics
 from server.models_registry import ResolvedModel
+from server.shutdown import Drain
 
 log = logging.getLogger("kiln.server.generation")
 
@@ -97,8 +98,9 @@ def resolve_size(size: str | None, model: ResolvedModel, image: bytes | None = N
 class Generator:
     """Turns validated fields into an ImageJob, runs it on the workers, publishes the images."""
 
-    def __init__(self, config: Config, engine: EnginePort, store: ImageStore, metrics: Metrics):
+    def __init__(self, config: Config, engine: EnginePort, store: ImageStore, metrics: Metrics, drain: Drain | None = None):
         self.config, self.engine, self.store, self.metrics = config, engine, store, metrics
+        self.drain = drain
 
     def job(
         self,
@@ -176,7 +178,7 @@ class Generator:
         try:
             # The pool enforces the deadline; the outer timeout only guards against a pool that does not.
             async with asyncio.timeout(timeout + 5.0):
-                result = await self.engine.generate(job.params, timeout=timeout, on_progress=on_progress)
+                result = await self._until_shutdown(self.engine.generate(job.params, timeout=timeout, on_progress=on_progress))
         except QueueFullError:
             m.rejections.inc(reason="queue_full")
             raise
@@ -194,6 +196,25 @@ class Generator:
         m.generation_seconds.observe(time.perf_counter() - start, model=job.params.model)
         m.images.inc(len(result.images_png), model=job.params.model)
         return result
+
+    async def _until_shutdown(self, work: Awaitable[T]) -> T:
+        """`work`, unless the shutdown's drain time passes first: then it is cancelled (the worker
+        drops its samples) and the client gets a 503 to retry elsewhere (server/shutdown.py)."""
+        if self.drain is None:
+            return await work
+        task = asyncio.ensure_future(work)
+        expired = asyncio.ensure_future(self.drain.expired.wait())
+        try:
+            await asyncio.wait({task, expired}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            task.cancel()
+            await asyncio.wait({task}, timeout=2.0)  # let the cancellation reach the worker
+            raise WorkerUnavailableError("the server shut down before the images were ready; retry")
+        finally:
+            expired.cancel()
+            if not task.done():
+                task.cancel()
 
     async def publish(self, pngs: list[bytes], response_format: str) -> list[str]:
         """Hosted URLs (files written off the event loop) or data: URLs."""

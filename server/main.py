@@ -145,6 +145,9 @@ def serve(config: Config, generated_key: bool) -> int:
             batching=w.batching,
             threads=w.threads,
             devices=w.devices or None,
+            # A worker signalled with the front end (a process group, a container) keeps serving
+            # what it accepted for longer than the front end drains.
+            drain_timeout=config.limits.drain_timeout + 10.0,
             on_restart=lambda address: metrics.worker_restarts.inc(worker=address),
         )
         log.info("starting %d local worker(s) for %s", w.local, ", ".join(packages))
@@ -158,12 +161,13 @@ def serve(config: Config, generated_key: bool) -> int:
                 port=config.server.port,
                 log_config=None,
                 access_log=False,
-                timeout_graceful_shutdown=10,
+                # Our drain (server/shutdown.py) has already answered everything when uvicorn stops.
+                timeout_graceful_shutdown=5,
             )
         )
         banner = _banner(config, generated_key)
         try:
-            asyncio.run(_run(server, banner))
+            asyncio.run(_run(server, banner, app.drain))
         except _Stopped:
             pass
         return 0 if server.started else 2
@@ -185,12 +189,25 @@ def _stop(signum, frame) -> None:
     raise _Stopped(signum)
 
 
-async def _run(server, banner: str) -> None:
+async def _run(server, banner: str, drain) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (server/shutdown.py) before uvicorn stops."""
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
         print(banner, flush=True)
+        # Replaces uvicorn's handlers, which would close the listener and cut requests after its
+        # graceful timeout; a second signal while draining changes nothing.
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        signalled = asyncio.create_task(stopping.wait())
+        await asyncio.wait({task, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if stopping.is_set() and not task.done():
+            await drain.run()
+            server.should_exit = True
+        signalled.cancel()
     await task
 
 

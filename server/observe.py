@@ -14,19 +14,31 @@ import time
 
 from server.errors import REQUEST_ID_KEY
 from server.metrics import Metrics
+from server.shutdown import OPEN_WHILE_DRAINING, Drain
 
 log = logging.getLogger("kiln.server.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
 
 class Observed:
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, drain: Drain):
+        self.app, self.metrics, self.drain = app, metrics, drain
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.drain.draining and scope.get("path") not in OPEN_WHILE_DRAINING:
+            self.metrics.requests.inc(route=scope.get("path_template") or "unmatched", method=scope.get("method", ""), status="503")
+            await self.drain.refuse(send)
+            return
+        self.drain.enter()
+        try:
+            await self._observed(scope, receive, send)
+        finally:
+            self.drain.leave()
+
+    async def _observed(self, scope, receive, send) -> None:
         incoming = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"").decode("latin-1")
         request_id = incoming if _SAFE_ID.match(incoming) else "req_" + secrets.token_hex(12)
         scope[REQUEST_ID_KEY] = request_id
