@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import time
 from pathlib import Path
 
@@ -54,9 +55,12 @@ class ImageStore:
             raise ImageNotFoundError(f"no image {name!r}: image ids are 32 URL-safe characters", param="image_id")
         path = self.folder / f"{image_id}.png"
         try:
-            age = time.time() - path.stat().st_mtime
+            info = path.lstat()  # lstat: a symlink planted under an id's name is never followed
         except FileNotFoundError:
             raise ImageNotFoundError(f"image {image_id} does not exist or has expired", param="image_id") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageNotFoundError(f"image {image_id} does not exist or has expired", param="image_id")
+        age = time.time() - info.st_mtime
         if age > self.ttl_s:
             raise ImageNotFoundError(f"image {image_id} has expired (images are kept {self.ttl_s / 60:g} minutes)", param="image_id")
         return path

@@ -73,5 +73,8 @@ class Observed:
 
 
 def _redacted(path: str) -> str:
-    """Hosted image ids are capabilities: keep them out of the logs."""
-    return "/v1/images/files/<id>" if path.startswith("/v1/images/files/") else path
+    """Hosted image ids are capabilities: keep them out of the logs. Control and non-ASCII
+    characters are escaped (a %0a in a URL must not write a forged line into the log)."""
+    if path.startswith("/v1/images/files/"):
+        return "/v1/images/files/<id>"
+    return path.encode("unicode_escape").decode("ascii").replace(" ", "\\x20")

@@ -32,6 +32,8 @@ def strict_body(struct_type: type) -> Callable[[Request], Awaitable[None]]:
         except msgspec.DecodeError as e:
             what = "empty" if not body.strip() else f"not valid JSON ({e})"
             raise InvalidJSONError(f"the request body is {what}: send a JSON object") from None
+        except RecursionError:  # msgspec's own limit on nesting, hit by a hostile body
+            raise InvalidJSONError("the request body is nested too deeply: send a plain JSON object") from None
 
     return check
 

@@ -304,3 +304,42 @@ def test_the_error_table_uses_string_or_null_codes_and_openai_types():
         assert spec.code is None or isinstance(spec.code, str)
         assert spec.type in {"invalid_request_error", "rate_limit_error", "server_error"}
         assert spec.retry_after == (spec.status in (429, 503))
+
+
+# ---- hostile inputs ---------------------------------------------------------------------------
+
+
+def test_a_size_of_thousands_of_digits_is_400_not_500(live):
+    with live.client() as c:
+        assert_error(c.post(CHAT, json=chat(size="9" * 4301 + "x256")), 400, param="size")
+
+
+def test_json_nested_a_thousand_deep_is_400(live):
+    body = b'{"model": "sd1", "messages": [{"role": "user", "content": "a"}], "junk": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    with live.client() as c:
+        r = c.post(CHAT, content=body, headers={"content-type": "application/json"})
+    assert_error(r, 400, code="invalid_json")
+    assert "nested too deeply" in r.json()["error"]["message"]
+
+
+def test_a_symlink_named_like_an_image_id_is_not_followed(live, tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG not for you")
+    link = live.images / ("L" * 32 + ".png")
+    link.symlink_to(secret)
+    try:
+        assert_error(httpx.get(live.url + "/v1/images/files/" + link.name), 404, code="image_not_found")
+    finally:
+        link.unlink()
+
+
+def test_a_newline_in_the_url_cannot_forge_an_access_log_line(live):
+    httpx.get(live.url + "/v2/x%0arequest_id=forged%20status=200")
+    live.wait_log("path=/v2/x\\nrequest_id=forged\\x20status=200", timeout=10)  # the line, escaped
+    lines = live.log.read_text(errors="replace").splitlines()
+    assert not any(line.startswith("request_id=forged") for line in lines)
+
+
+def test_a_negative_prompt_over_the_limit_is_400(live):
+    with live.client() as c:
+        assert_error(c.post(CHAT, json=chat(negative_prompt="x" * 5000)), 400, param="negative_prompt")
