@@ -53,6 +53,7 @@ from engine.errors import (
 from engine.pipeline import Pipeline, Sample
 from engine.request import ImageRequest, steps_run
 from engine.shapes import latent_shape, render_size
+from engine.worker import faults
 from engine.worker.images import encode_png, latent_preview_jpeg
 
 log = logging.getLogger(__name__)
@@ -423,34 +424,25 @@ class Scheduler:
             by_model.setdefault(job.model, []).append(job)
         for model, group in by_model.items():
             try:
-                samples = self.pipelines[model].prepare([job.request for job in group], group)
-            except KilnError as e:  # an input image that read well at submit but not in full, say
-                log.info("admission refused %d request(s): %s", len(group), e)
-                if len(group) == 1:
-                    group[0].fail(e)
-                else:
-                    self._admit_one_by_one(model, group)
-                continue
-            except Exception as e:  # validated at submit, so this is the engine failing
-                log.exception("text/image encoding failed for %d requests", len(group))
-                for job in group:
-                    job.fail(EngineError(f"text or image encoding failed: {e}"))
+                samples = self._prepare(model, group)
+            except Exception as e:
+                if len(group) > 1:  # find the request at fault: each alone, so only it fails
+                    log.info("admission of %d requests failed (%s): admitting them one by one", len(group), e)
+                    for job in group:
+                        self._admit([job])
+                    continue
+                (job,) = group
+                if not isinstance(e, KilnError):  # a bug: its request gets a 500, the worker goes on
+                    log.exception("admitting request %d failed", job.id)
+                    e = EngineError(f"text or image encoding failed: {type(e).__name__}: {e}")
+                job.fail(e)
                 continue
             self._add_running(model, group, samples)
 
-    def _admit_one_by_one(self, model: str, group: list[Job]) -> None:
-        """After a refusal at admission, admit each job alone, so one bad input fails only its own request."""
+    def _prepare(self, model: str, group: list[Job]) -> list[Sample]:
         for job in group:
-            try:
-                samples = self.pipelines[model].prepare([job.request], [job])
-            except KilnError as e:
-                job.fail(e)
-                continue
-            except Exception as e:
-                log.exception("text/image encoding failed for request %d", job.id)
-                job.fail(EngineError(f"text or image encoding failed: {e}"))
-                continue
-            self._add_running(model, [job], samples)
+            faults.check(job.request)
+        return self.pipelines[model].prepare([job.request for job in group], group)
 
     def _add_running(self, model: str, group: list[Job], samples: list[Sample]) -> None:
         self._count("text_encoder_calls")

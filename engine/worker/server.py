@@ -220,6 +220,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self.scheduler.submit(job)  # refuses at once when the queue is full
         except KilnError as e:
             await self._abort(context, e)
+        except Exception as e:  # a bug: this request's INTERNAL (with Kiln's metadata), not a dead worker
+            log.exception("request %s failed before it was queued", request.id or "-")
+            await self._abort(context, e)
         return job, events
 
     @staticmethod
