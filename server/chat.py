@@ -5,6 +5,8 @@ from __future__ import annotations
 from litestar import Request, Response, post
 from litestar.openapi import ResponseSpec
 from litestar.response import Stream
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
 
 from server.errors import request_id_of
 from server.openapi_docs import ERROR_RESPONSES
@@ -25,7 +27,7 @@ from server.serving_chat import ChatService
     tags=["chat"],
     before_request=strict_body(ChatCompletionRequest),
 )
-async def chat_completions(data: ChatCompletionRequest, request: Request, chat: ChatService) -> Response:
+async def chat_completions(data: JSONBody[ChatCompletionRequest], request: Request, chat: NamedDependency[ChatService]) -> Response:
     if data.stream:
         stream = await chat.stream(data, request.receive, request_id_of(request.scope))
         return Stream(stream.events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})

@@ -5,6 +5,8 @@ from __future__ import annotations
 from litestar import Request, Response, get, post
 from litestar.openapi import ResponseSpec
 from litestar.response import File
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
 
 from server.auth import OPEN_OPT
 from server.images_store import ROUTE as FILES_ROUTE
@@ -24,7 +26,7 @@ from server.serving_images import ImagesService
     tags=["images"],
     before_request=strict_body(ImageGenerationRequest),
 )
-async def create_images(data: ImageGenerationRequest, request: Request, images: ImagesService) -> Response:
+async def create_images(data: JSONBody[ImageGenerationRequest], request: Request, images: NamedDependency[ImagesService]) -> Response:
     return Response(await images.generate(data, request.receive), media_type="application/json")
 
 
@@ -40,7 +42,7 @@ async def create_images(data: ImageGenerationRequest, request: Request, images: 
     responses={200: ResponseSpec(ImagesResponse, description="The edited images"), **ERROR_RESPONSES},
     tags=["images"],
 )
-async def edit_images(request: Request, images: ImagesService) -> Response:
+async def edit_images(request: Request, images: NamedDependency[ImagesService]) -> Response:
     data = await read_form(request, ImageEditRequest)
     return Response(await images.edit(data, request.receive), media_type="application/json")
 
@@ -52,7 +54,7 @@ async def edit_images(request: Request, images: ImagesService) -> Response:
     responses={200: ResponseSpec(ImagesResponse, description="The variations"), **ERROR_RESPONSES},
     tags=["images"],
 )
-async def image_variations(request: Request, images: ImagesService) -> Response:
+async def image_variations(request: Request, images: NamedDependency[ImagesService]) -> Response:
     data = await read_form(request, ImageVariationRequest)
     return Response(await images.variation(data, request.receive), media_type="application/json")
 
@@ -65,7 +67,7 @@ async def image_variations(request: Request, images: ImagesService) -> Response:
     responses={404: error_spec("Unknown or expired image")},
     tags=["images"],
 )
-async def image_file(name: str, store: ImageStore) -> File:
+async def image_file(name: FromPath[str], store: NamedDependency[ImageStore]) -> File:
     path = store.path(name)
     cache = f"private, max-age={store.seconds_left(path)}"
     return File(path, media_type="image/png", content_disposition_type="inline", headers={"cache-control": cache})

@@ -6,6 +6,7 @@ import logging
 
 import anyio
 from litestar import Response, get
+from litestar.di import NamedDependency
 
 from engine.errors import WorkerUnavailableError
 from server.engine_port import EnginePort
@@ -23,14 +24,14 @@ async def health() -> Status:
 
 
 @get("/ready", summary="At least one worker is ready", responses={503: error_spec("No worker ready")}, tags=["operations"])
-async def ready(engine: EnginePort) -> Status:
+async def ready(engine: NamedDependency[EnginePort]) -> Status:
     if not await engine.ready():
         raise WorkerUnavailableError("no engine worker is ready")
     return Status(status="ready")
 
 
 @get("/metrics", summary="Prometheus metrics (text format)", media_type=CONTENT_TYPE, tags=["operations"])
-async def metrics(metrics: Metrics, engine: EnginePort, store: ImageStore) -> Response:
+async def metrics(metrics: NamedDependency[Metrics], engine: NamedDependency[EnginePort], store: NamedDependency[ImageStore]) -> Response:
     metrics.workers_ready.set(1.0 if await engine.ready() else 0.0)
     metrics.stored_images.set(await anyio.to_thread.run_sync(store.count))
     workers = None
