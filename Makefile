@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8000
-TARGET ?= cpu
+TARGET ?=
 MODEL ?= models/kiln-shapes
 NAME ?=
 SIZES ?=
@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: help install test serve export info default-model eval-default-model bench clean
 
 help:
-	@echo "make serve [PORT=8000] [TARGET=cpu|openvino]  start a worker and the API on the bundled model"
+	@echo "make serve [PORT=8000] [TARGET=cpu|openvino]  start a worker and the API on the bundled model (default: the fastest target installed)"
 	@echo "make test                       run the test suite"
 	@echo "make export MODEL=<dir> [TARGET=cpu|cuda|tensorrt] [NAME=...] [SIZES=512x512,...] [BATCH=1,2,4]"
 	@echo "make bench                      benchmarks, results under benchmarks/results/"
@@ -34,13 +34,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 export: $(STAMP)
-	$(BIN)/kiln export $(MODEL) --target $(TARGET) $(if $(NAME),--name $(NAME)) $(if $(SIZES),--sizes $(SIZES)) $(if $(BATCH),--batch $(BATCH))
+	$(BIN)/kiln export $(MODEL) --target $(or $(TARGET),cpu) $(if $(NAME),--name $(NAME)) $(if $(SIZES),--sizes $(SIZES)) $(if $(BATCH),--batch $(BATCH))
 
 info: $(STAMP)
-	$(BIN)/kiln info build/$(notdir $(MODEL))/$(TARGET)
+	$(BIN)/kiln info build/$(notdir $(MODEL))/$(or $(TARGET),cpu)
 
 serve: $(STAMP)
-	$(BIN)/kiln serve --port $(PORT) --model $(MODEL) --target $(TARGET)
+	$(BIN)/kiln serve --port $(PORT) --model $(MODEL) --target $(or $(TARGET),auto)
 
 default-model: $(STAMP)
 	$(BIN)/python -m export.default_model.train --run-dir runs/default-model --out $(MODEL) \

@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln serve", description="Serve the OpenAI-compatible image API.")
     p.add_argument("--config", default=None, help="kiln.toml (see kiln.example.toml)")
     p.add_argument("--model", default=None, help="quick start: a checkpoint or package folder (default models/kiln-shapes)")
-    p.add_argument("--target", default="cpu", help="quick start from a checkpoint: the package target (cpu, or openvino: faster on CPU)")
+    p.add_argument(
+        "--target",
+        default="auto",
+        help="quick start from a checkpoint: the package target (auto: the fastest this machine has; cpu; openvino)",
+    )
     p.add_argument("--host", default=None, help="listen address (default 127.0.0.1, or the config's)")
     p.add_argument("--port", type=int, default=None, help="listen port (default 8000, or the config's)")
     p.add_argument("--public-url", default=None, help="base URL of hosted images, for a reverse proxy")
@@ -56,6 +60,19 @@ def quick_config(model: Path, env: dict[str, str], target: str = "cpu") -> dict:
         "workers": {"local": 1},
         "images": {"dir": str(ROOT / "build" / "images")},
     }
+
+
+def choose_target(wanted: str) -> tuple[str, str]:
+    """(target, why) for `--target`; "auto" picks the fastest CPU runtime installed."""
+    if wanted != "auto":
+        return wanted, "asked for"
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is not None:
+        # Measured on the bundled model, 256x256, 20 steps: 0.23 s an image against 0.36 s for the
+        # cpu target; 6.6 against 2.5 images/s at concurrency 8 (README, TARGET=openvino).
+        return "openvino", "auto: OpenVINO is installed, the fastest CPU runtime (bf16 where the CPU has it)"
+    return "cpu", "auto: onnxruntime's CPU provider (pip install 'kiln[openvino]' for the faster openvino target)"
 
 
 def package_for(model: Path, target: str = "cpu") -> Path:
@@ -83,7 +100,11 @@ def resolve_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[Confi
     if args.config:
         config = load_config(args.config, env=env)
     else:
-        config = parse_config(quick_config(Path(args.model or ROOT / "models" / "kiln-shapes"), env, args.target), source="--model", env=env)
+        model = Path(args.model or ROOT / "models" / "kiln-shapes")
+        target, why = choose_target(args.target)
+        if not (model / "manifest.json").is_file():  # a package brings its own target
+            print(f"kiln serve: target {target} ({why})", file=sys.stderr, flush=True)
+        config = parse_config(quick_config(model, env, target), source="--model", env=env)
     server = config.server
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("public_url", args.public_url)) if v is not None}
     if overrides:

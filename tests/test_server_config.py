@@ -146,3 +146,18 @@ def test_kiln_serve_refuses_a_busy_port_and_exits_2(package):
         )  # fmt: skip
     assert r.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "--port" in r.stderr
+
+
+def test_serve_picks_the_fastest_installed_target_unless_told(monkeypatch):
+    import importlib.util
+
+    from server.main import choose_target
+
+    assert choose_target("cpu") == ("cpu", "asked for")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "openvino" else real(name, *a))
+    target, why = choose_target("auto")
+    assert target == "openvino" and "fastest" in why
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    target, why = choose_target("auto")
+    assert target == "cpu" and "kiln[openvino]" in why
