@@ -54,22 +54,22 @@ def test_same_seed_same_pixels_different_seed_different_pixels(sd1):
 
 
 @pytest.mark.parametrize(
-    "change,param",
+    "change,param,says",
     [
-        ({"width": 60}, "size"),
-        ({"height": 4096}, "size"),
-        ({"steps": 0}, "steps"),
-        ({"steps": 10_000}, "steps"),
-        ({"prompt": "   "}, "prompt"),
-        ({"guidance_scale": -1.0}, "guidance_scale"),
-        ({"seed": -5}, "seed"),
+        ({"width": 60}, "size", "width 60 is not a multiple of 8 (try 56)"),
+        ({"height": 4096}, "size", "height 4096 is outside this model's limits (64..2048)"),
+        ({"steps": 0}, "steps", "steps must be between 1 and 150, got 0"),
+        ({"steps": 10_000}, "steps", "steps must be between 1 and 150, got 10000"),
+        ({"prompt": "   "}, "prompt", "the prompt is empty"),
+        ({"guidance_scale": -1.0}, "guidance_scale", "guidance_scale must be between 0 and 50, got -1.0"),
+        ({"seed": -5}, "seed", "got seed -5"),
     ],
 )
-def test_bad_parameters_are_refused_naming_the_parameter(sd1, change, param):
+def test_bad_parameters_are_refused_naming_the_parameter(sd1, change, param, says):
     with pytest.raises(InvalidRequestError) as err:
         sd1.generate([ImageRequest(**{**BASE, **change})])
     assert err.value.param == param
-    assert str(err.value)
+    assert says in str(err.value)
 
 
 def test_unknown_sampler_lists_the_valid_ones(sd1):
@@ -129,8 +129,19 @@ def test_package_with_missing_tokenizer_is_refused(tiny_package, tmp_path):
 def test_sessions_per_resolution_share_one_copy_of_the_weights(sd1):
     sd1.generate([ImageRequest(**BASE), ImageRequest(**{**BASE, "width": 128})])
     assert len(sd1.unet.loaded_shapes) >= 2
-    # every session got the same OrtValues: one mapping of weights.bin per component
-    assert sd1.unet.weights.values
+    # Every initializer of weights.json is handed to the sessions from one mapping of weights.bin:
+    # each array is a view into the same memmap, not a copy per session.
+    weights = sd1.unet.weights
+    index = json.loads((sd1.package / "unet" / "weights.json").read_text())
+    assert set(weights.values) == set(index) and len(weights._arrays) == len(index)
+
+    def root(array):
+        while isinstance(array.base, np.ndarray):
+            array = array.base
+        return array
+
+    assert len({id(root(a)) for a in weights._arrays}) == 1
+    assert isinstance(root(weights._arrays[0]), np.memmap)
 
 
 def test_sizes_over_render_max_side_are_drawn_smaller_and_upscaled(tiny_package, tmp_path):
