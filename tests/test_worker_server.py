@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import numpy as np
 import pytest
 
 from engine.client.pool import WorkerPool
