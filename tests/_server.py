@@ -126,11 +126,11 @@ class LiveServer:
 
     def wait_log(self, text: str, timeout: float) -> None:
         """Until `text` appears in the server's log (a log line is the event waited for)."""
-        end = time.monotonic() + timeout
-        while text not in self.log.read_text(errors="replace"):
-            if time.monotonic() > end or self.proc.poll() is not None:
-                raise AssertionError(f"{text!r} not logged within {timeout:g} s:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.05)
+        from tests._workers import wait_for
+
+        logged = wait_for(lambda: text in self.log.read_text(errors="replace") or self.proc.poll() is not None, timeout)
+        if not (logged and text in self.log.read_text(errors="replace")):
+            raise AssertionError(f"{text!r} not logged within {timeout:g} s:\n{self.log.read_text()[-3000:]}")
 
     def wait_ready(self, timeout: float) -> None:
         wait_ready(self.url, timeout, self.proc, self.log)

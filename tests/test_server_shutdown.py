@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 
 import httpx
 import pytest
 
 from tests._server import MODEL, serve_process
+from tests._workers import wait_for
 
 LONG = {"size": "128x128", "steps": 150, "n": 2}  # a few seconds on the tiny model
 
@@ -54,15 +54,6 @@ class Request(threading.Thread):
     def run(self) -> None:
         with self.live.client() as c:
             self.response = c.post("/v1/chat/completions", json=chat_body())
-
-
-def wait_for(condition, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture
