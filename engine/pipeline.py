@@ -272,11 +272,11 @@ class Pipeline:
         resolved = [self.resolve(r) for r in requests]
         embeddings = self.encode_prompts([r.prompt for r in resolved], [r.negative_prompt for r in resolved])
         m = self.manifest
-        edits = {i: read_edit_input(r, render_size(r.width, r.height, m.sizes)) for i, r in enumerate(resolved) if r.is_edit}
+        drawn = [render_size(r.width, r.height, m.sizes) for r in resolved]
+        edits = {i: read_edit_input(r, drawn[i]) for i, r in enumerate(resolved) if r.is_edit}
         samples = []
         for i, (req, emb) in enumerate(zip(resolved, embeddings)):
-            draw_w, draw_h = render_size(req.width, req.height, m.sizes)
-            shape = latent_shape(draw_w, draw_h, m.latent_channels, m.vae_scale_factor)
+            shape = latent_shape(*drawn[i], m.latent_channels, m.vae_scale_factor)
             if self.is_xl:
                 # (original size, crop top-left, target size), all = the requested size
                 ids = np.array([req.height, req.width, 0, 0, req.height, req.width], dtype=np.float32)
@@ -298,47 +298,38 @@ class Pipeline:
                         tag=(tags[i], k) if tags else None,
                     )
                 )
-        self._start(samples, edits)
+        self._start(samples, [edits.get(i) for i, req in enumerate(resolved) for _ in range(req.n)])
         return samples
 
-    def _start(self, samples: list[Sample], edits: dict[int, EditInput]) -> None:
-        """Each sample's starting latents; edits' VAE encodings batched per drawn size."""
-        index_of: dict[int, int] = {}
-        for s in samples:
-            index_of.setdefault(id(s.request), len(index_of))
-        encoded = self._encode_inputs(samples, edits, index_of)
-        for s in samples:
-            edit = edits.get(index_of[id(s.request)])
+    def _start(self, samples: list[Sample], inputs: list[EditInput | None]) -> None:
+        """Each sample's starting latents (inputs[k]: sample k's edit input, None for text-to-image)."""
+        encoded = self._encode_inputs([e for e in inputs if e is not None])
+        for s, edit in zip(samples, inputs):
             if edit is None:
                 noise = s.rng.standard_normal(s.shape, dtype=np.float32)  # the documented seed rule
                 s.x = noise * np.float32(s.plan.init_noise_sigma)
-                continue
-            self._start_edit(s, edit, encoded[id(s)])
+            else:
+                self._start_edit(s, edit, encoded[id(edit)])
 
-    def _encode_inputs(
-        self, samples: list[Sample], edits: dict[int, EditInput], index_of: dict[int, int]
-    ) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
-        """VAE-encoder parameters (2C, h, w) of each edit sample's input and masked input, one
-        encoder call per drawn size (the n images of a request share their request's rows)."""
+    def _encode_inputs(self, inputs: list[EditInput]) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
+        """id(input) -> VAE-encoder parameters (2C, h, w) of the input and of its masked input:
+        one encoder call per drawn size, one row per request (its n images share it)."""
         rows: dict[tuple, list[np.ndarray]] = {}
         where: dict[int, tuple[tuple, int, int | None]] = {}
-        for s in samples:
-            edit = edits.get(index_of[id(s.request)])
-            if edit is None:
+        for edit in inputs:
+            if id(edit) in where:
                 continue
-            key = edit.pixels.shape
-            batch = rows.setdefault(key, [])
-            first = len(batch)
+            batch = rows.setdefault(edit.pixels.shape, [])
+            first, second = len(batch), None
             batch.append(edit.pixels)
-            second = None
             if edit.mask_drawn is not None and self.inpainting_unet:
                 second = len(batch)
                 batch.append(edit.masked_pixels)
-            where[id(s)] = (key, first, second)
+            where[id(edit)] = (edit.pixels.shape, first, second)
         outputs = {key: self.vae_encode(np.stack(batch)) for key, batch in rows.items()}
         return {
-            sid: (outputs[key][first], outputs[key][second] if second is not None else None)
-            for sid, (key, first, second) in where.items()
+            key_id: (outputs[key][first], outputs[key][second] if second is not None else None)
+            for key_id, (key, first, second) in where.items()
         }
 
     def vae_encode(self, pixels: np.ndarray) -> np.ndarray:
