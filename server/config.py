@@ -20,6 +20,7 @@ SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
 ADDRESS_RE = re.compile(r"^[\w.\-\[\]:]+:\d+$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
 KEYS_ENV = "KILN_API_KEYS"
+WORKER_TOKEN_ENV = "KILN_WORKER_TOKEN"
 
 
 class ConfigError(KilnError):
@@ -36,6 +37,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Paths served without an API key.
     open_paths: list[str] = msgspec.field(default_factory=lambda: ["/health", "/ready", "/metrics", "/schema"])
     log_level: str = "info"
+    # Longest request head (request line + headers) accepted; longer ones get 431 as an OpenAI error.
+    max_header_bytes: int = 65_536
 
 
 class AuthConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -68,6 +71,21 @@ class WorkersConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Empty: the workers inherit this process's environment.
     devices: list[str] = msgspec.field(default_factory=list)
     start_timeout_s: float = 300.0
+    # Shared secret every worker RPC must carry (gRPC metadata). KILN_WORKER_TOKEN in the
+    # environment replaces it. Empty: local workers get a random one per start; remote workers
+    # must then be started without a token (loopback only).
+    token: str = ""
+    # TLS to remote workers: the CA that signed their certificates (empty: plaintext), and an
+    # optional client certificate + key when the workers require one (mutual TLS).
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # How often the front end asks the workers again for their models and limits.
+    models_refresh_s: float = 30.0
+
+    def __repr__(self) -> str:  # the token is a secret
+        fields = {f: getattr(self, f) for f in self.__struct_fields__ if f != "token"}
+        return f"WorkersConfig({', '.join(f'{k}={v!r}' for k, v in fields.items())}, token=<{'set' if self.token else 'empty'}>)"
 
 
 class ImagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -80,6 +98,8 @@ class ImagesConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # (OpenRouter's: message.content the text, message.images the pictures), for clients that
     # read content as a string and cannot send modalities.
     chat_answer: str = "content_parts"
+    # Disk the hosted images may use; past it the oldest are removed first (0: no cap).
+    max_bytes: int = 1_073_741_824  # 1 GiB
 
 
 class LimitsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -123,6 +143,8 @@ def parse_config(raw: dict, *, source: str = "kiln.toml", env: dict[str, str] | 
     if env.get(KEYS_ENV, "").strip():
         keys = [k.strip() for k in env[KEYS_ENV].split(",") if k.strip()]
         config = msgspec.structs.replace(config, auth=AuthConfig(api_keys=keys))
+    if env.get(WORKER_TOKEN_ENV, "").strip():
+        config = msgspec.structs.replace(config, workers=msgspec.structs.replace(config.workers, token=env[WORKER_TOKEN_ENV].strip()))
     if base is not None:  # package paths are relative to the config file
         models = [
             msgspec.structs.replace(m, package=str((base / m.package).resolve())) if m.package else m
@@ -131,7 +153,12 @@ def parse_config(raw: dict, *, source: str = "kiln.toml", env: dict[str, str] | 
         images = config.images
         if not Path(images.dir).is_absolute():
             images = msgspec.structs.replace(images, dir=str((base / images.dir).resolve()))
-        config = msgspec.structs.replace(config, models=models, images=images)
+        workers = config.workers
+        tls_files = {f: getattr(workers, f) for f in ("tls_ca_file", "tls_cert_file", "tls_key_file")}
+        workers = msgspec.structs.replace(
+            workers, **{f: str((base / v).resolve()) for f, v in tls_files.items() if v and not Path(v).is_absolute()}
+        )
+        config = msgspec.structs.replace(config, models=models, images=images, workers=workers)
     validate(config, source)
     return msgspec.structs.replace(config, models=[_with_worker_model(m, source) for m in config.models])
 
@@ -163,6 +190,8 @@ def validate(config: Config, source: str = "config") -> None:
     for p in s.open_paths:
         if not p.startswith("/"):
             raise bad("server.open_paths", f"entries are paths starting with '/', got {p!r}")
+    if s.max_header_bytes < 1024:
+        raise bad("server.max_header_bytes", f"must be at least 1024, got {s.max_header_bytes}")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise bad("server.log_level", f"must be debug, info, warning or error, got {s.log_level!r}")
     for i, key in enumerate(config.auth.api_keys):
@@ -215,6 +244,18 @@ def validate(config: Config, source: str = "config") -> None:
     for addr in w.remote:
         if not ADDRESS_RE.match(addr):
             raise bad("workers.remote", f"entries look like host:port, got {addr!r}")
+    if w.token and (len(w.token) < 16 or any(c.isspace() for c in w.token)):
+        raise bad("workers.token", "must be at least 16 characters without spaces")  # never echoed
+    if bool(w.tls_cert_file) != bool(w.tls_key_file):
+        raise bad("workers.tls_cert_file/tls_key_file", "come as a pair (a client certificate and its key)")
+    if w.tls_cert_file and not w.tls_ca_file:
+        raise bad("workers.tls_ca_file", "is needed with a client certificate (TLS to the workers)")
+    for setting in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        value = getattr(w, setting)
+        if value and not Path(value).is_file():
+            raise bad(f"workers.{setting}", f"{value} is not a file")
+    if w.models_refresh_s <= 0:
+        raise bad("workers.models_refresh_s", f"must be positive, got {w.models_refresh_s}")
 
     im = config.images
     if im.ttl_minutes <= 0:
@@ -225,6 +266,8 @@ def validate(config: Config, source: str = "config") -> None:
         raise bad("images.response_format", f"must be 'url' or 'b64_json', got {im.response_format!r}")
     if im.chat_answer not in ("content_parts", "message_images"):
         raise bad("images.chat_answer", f"must be 'content_parts' or 'message_images', got {im.chat_answer!r}")
+    if im.max_bytes < 0:
+        raise bad("images.max_bytes", f"must be 0 (no cap) or more, got {im.max_bytes}")
 
     lim = config.limits
     if not (1 <= lim.max_n <= 128):

@@ -50,11 +50,27 @@ def test_example_config_is_valid(package, tmp_path):
         ({"workers": {"local": 0}}, "workers"),
         ({"workers": {"remote": ["nohost"]}}, "workers.remote"),
         ({"auth": {"api_keys": ["short"]}}, "auth.api_keys[0]"),
+        ({"server": {"max_header_bytes": 10}}, "server.max_header_bytes"),
+        ({"workers": {"token": "too-short"}}, "workers.token"),
+        ({"workers": {"tls_cert_file": "/etc/hostname"}}, "workers.tls_cert_file/tls_key_file"),
+        ({"workers": {"tls_ca_file": "/no/such/ca.pem"}}, "workers.tls_ca_file"),
+        ({"workers": {"models_refresh_s": 0}}, "workers.models_refresh_s"),
+        ({"images": {"max_bytes": -1}}, "images.max_bytes"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_it(package, sections, setting):
     with pytest.raises(ConfigError, match=re.escape(setting)):
         parse_config(minimal(package, **sections), env={})
+
+
+def test_the_worker_token_comes_from_the_environment_and_is_never_shown(package):
+    token = "worker-secret-0123456789"
+    config = parse_config(minimal(package, workers={"token": "from-the-file-0123456789"}), env={"KILN_WORKER_TOKEN": token})
+    assert config.workers.token == token
+    assert token not in repr(config) and "token=<set>" in repr(config.workers)
+    with pytest.raises(ConfigError) as err:
+        parse_config(minimal(package, workers={"token": "short secret"}), env={})
+    assert "short secret" not in str(err.value)
 
 
 def test_model_names_must_be_unique_and_packages_real(package, tmp_path):
