@@ -54,10 +54,12 @@ def create_app(config: Config, engine: EnginePort, *, close_engine: bool = False
         except Exception as e:  # workers may come later; requests refresh on demand
             log.warning("could not list the workers' models at start-up: %s: %s", type(e).__name__, e)
         cleaner = asyncio.create_task(_clean_forever(store, config.images.cleanup_interval_s))
+        refresher = asyncio.create_task(registry.refresh_forever())
         try:
             yield
         finally:
             cleaner.cancel()
+            refresher.cancel()
             if close_engine:
                 await engine.close()
 

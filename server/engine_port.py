@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from engine.client.pool import WorkerStatus
 from engine.client.types import ImageRequest, GenerationResult, ModelLimits, ProgressCallback
 
 
@@ -30,7 +31,11 @@ class EnginePort(Protocol):
         ...
 
     async def ready(self) -> bool:
-        """True when at least one worker can take a request."""
+        """True when at least one worker can take a request (asking changes no routing)."""
+        ...
+
+    def status(self) -> list[WorkerStatus]:
+        """Each worker as the router sees it now (up or being probed back)."""
         ...
 
     async def close(self) -> None: ...
