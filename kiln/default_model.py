@@ -1,15 +1,35 @@
-"""Where the bundled default model lives, and its package, exported on first use."""
+"""Where the bundled default model lives, where packages are built, and the package, exported on first use.
+
+In a source checkout the checkpoint is `models/kiln-shapes` and packages go to `build/`, next to
+the code. An installed Kiln (a wheel: site-packages is no place to write) finds the checkpoint in
+`kiln/bundled/` (setup.py maps models/ there) and builds under `$KILN_HOME`, else
+`$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = ROOT / "models" / "kiln-shapes"
-BUILD = ROOT / "build"
+_IN_CHECKOUT = (ROOT / "models" / "kiln-shapes" / "model_index.json").is_file()
+DEFAULT_MODEL = ROOT / "models" / "kiln-shapes" if _IN_CHECKOUT else Path(__file__).resolve().parent / "bundled" / "kiln-shapes"
+
+
+def home() -> Path:
+    """Where built packages (and the quick start's hosted images) go."""
+    if os.environ.get("KILN_HOME"):
+        return Path(os.environ["KILN_HOME"])
+    if _IN_CHECKOUT:
+        return ROOT / "build"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "kiln"
+
+
+BUILD = home()
 
 
 def default_package(target: str = "cpu") -> Path:

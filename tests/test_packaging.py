@@ -1,0 +1,64 @@
+"""A built wheel is a whole Kiln: the bundled model, the offline export data, and paths that work
+outside the repository (read-only code, packages built under KILN_HOME)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(out)],
+        check=True,
+        cwd=out,
+    )
+    (made,) = out.glob("kiln-*.whl")
+    return made
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """The wheel's files as pip would lay them out in site-packages."""
+    site = tmp_path_factory.mktemp("site-packages")
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(site)
+    return site
+
+
+def test_the_wheel_carries_the_bundled_model_and_the_offline_export_data(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    bundled = {str(p.relative_to(ROOT / "models")) for p in (ROOT / "models").rglob("*") if p.is_file()}
+    assert {f"kiln/bundled/{name}" for name in bundled} <= names
+    for folder in ("export/architectures", "export/assets"):
+        files = {str(p.relative_to(ROOT)) for p in (ROOT / folder).rglob("*") if p.is_file()}
+        assert files and files <= names, folder
+    assert "engine/worker/inference.proto" in names
+    assert not any(n.startswith(("tests/", "build/", "models/")) or "__pycache__" in n for n in names)
+
+
+def test_an_installed_kiln_finds_its_model_and_builds_outside_site_packages(installed, tmp_path):
+    probe = (
+        "import kiln.default_model as d, server.main as m; "
+        "print(d.DEFAULT_MODEL); print(d.home()); print((d.DEFAULT_MODEL / 'model_index.json').is_file())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(installed), "KILN_HOME": str(tmp_path / "home")}
+    # From another folder, so the checkout is not importable by accident; PYTHONPATH comes before
+    # the development install's own finder.
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    model, home, exists = out.stdout.split()
+    assert Path(model) == installed / "kiln" / "bundled" / "kiln-shapes" and exists == "True"
+    assert Path(home) == tmp_path / "home"
+    env.pop("KILN_HOME")
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert Path(out.stdout.split()[1]) == tmp_path / "cache" / "kiln"
