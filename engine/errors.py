@@ -45,6 +45,14 @@ class WorkerUnavailableError(KilnError):
     """No worker can take the request now (draining, not ready, or down)."""
 
 
+class WorkerAuthError(WorkerUnavailableError):
+    """A worker refused the caller's worker token (missing or wrong): a configuration error.
+
+    A kind of WorkerUnavailableError so that the front end answers 503 (no worker can serve this
+    front end), but the client pool never treats it as a worker that died: retrying would fail
+    the same way, and the message must name the setting to fix."""
+
+
 class ModelNotFoundError(InvalidRequestError):
     """No loaded package has the requested model name (param "model")."""
 

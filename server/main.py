@@ -7,6 +7,8 @@ Quick start builds the model's package if it is missing (in a child process: tor
 this one), starts one local worker, and serves the model under its own name and the aliases
 gpt-4o, dall-e-3 and dall-e-2. API keys come from the config or `KILN_API_KEYS`
 (comma-separated); when there are none, one is generated and printed (never logged).
+Local workers always require a worker token: workers.token (or KILN_WORKER_TOKEN), else a random
+one made at each start; it reaches them in their environment, never on a command line.
 Exit status: 0 after a clean stop, 2 for a bad setting or a failed start.
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import msgspec
 
+from engine.client.credentials import Endpoint, tls_channel_credentials
 from engine.errors import KilnError
 from server.config import AuthConfig, Config, ConfigError, load_config, parse_config
 
@@ -150,7 +153,10 @@ def serve(config: Config, generated_key: bool) -> int:
     w = config.workers
     metrics = Metrics()
     local = None
-    addresses = list(w.remote)
+    endpoints = remote_endpoints(config)
+    # Local workers are always authenticated: another user of this machine could otherwise reach
+    # their loopback port. Without a configured token, a fresh one each start (only we know it).
+    local_token = w.token or secrets.token_urlsafe(32)
     # uvicorn stops on SIGINT/SIGTERM and then re-raises the signal; ours turns it into a clean
     # return, so the workers are stopped and the exit status is 0.
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -170,11 +176,12 @@ def serve(config: Config, generated_key: bool) -> int:
             # what it accepted for longer than the front end drains.
             drain_timeout=config.limits.drain_timeout + 10.0,
             on_restart=lambda address: metrics.worker_restarts.inc(worker=address),
+            token=local_token,
         )
         log.info("starting %d local worker(s) for %s", w.local, ", ".join(packages))
-        addresses += local.start(timeout=w.start_timeout_s)
+        endpoints += [Endpoint(a, token=local_token) for a in local.start(timeout=w.start_timeout_s)]  # loopback: plaintext
     try:
-        app = create_app(config, WorkerPool(addresses), close_engine=True, metrics=metrics)
+        app = create_app(config, WorkerPool(endpoints), close_engine=True, metrics=metrics)
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -200,6 +207,18 @@ def serve(config: Config, generated_key: bool) -> int:
             local.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def remote_endpoints(config: Config) -> list[Endpoint]:
+    """workers.remote with the configured token (empty: none) and TLS (no CA file: plaintext)."""
+    w = config.workers
+    credentials = None
+    if w.tls_ca_file:
+        try:
+            credentials = tls_channel_credentials(w.tls_ca_file, w.tls_cert_file or None, w.tls_key_file or None)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return [Endpoint(address, token=w.token or None, credentials=credentials) for address in w.remote]
 
 
 class _Stopped(Exception):

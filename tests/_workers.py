@@ -14,6 +14,7 @@ from PIL import Image
 
 from engine.client.local import LocalWorkers
 from engine.worker import inference_pb2 as pb
+from engine.worker.auth import call_metadata
 
 SERVICE = "/inference.GRPCInferenceService/"
 TOLERANCE = 2  # uint8 levels, the engine's parity tolerance
@@ -28,19 +29,35 @@ def start_workers(package: Path | list[Path], count: int = 1, log_dir: Path | No
 
 
 class V2:
-    """A plain v2 client: method paths from the specification, messages built by hand."""
+    """A plain v2 client: method paths from the specification, messages built by hand. With a
+    `token`, every call carries it as the worker token; with `credentials`, the channel is TLS."""
 
-    def __init__(self, address: str):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, token: str | None = None, credentials: grpc.ChannelCredentials | None = None):
+        self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+        self.metadata = call_metadata(token)
 
     def __getattr__(self, method: str):
         name = "ModelStreamInferResponse" if method == "ModelInferStream" else f"{method}Response"
         response = getattr(pb, name)
         kind = self.channel.unary_stream if method == "ModelInferStream" else self.channel.unary_unary
-        return kind(SERVICE + method, request_serializer=lambda m: m.SerializeToString(), response_deserializer=response.FromString)
+        call = kind(SERVICE + method, request_serializer=lambda m: m.SerializeToString(), response_deserializer=response.FromString)
+        return _WithMetadata(call, self.metadata) if self.metadata else call
 
     def close(self) -> None:
         self.channel.close()
+
+
+class _WithMetadata:
+    """A multi-callable that adds the worker token's metadata to every call."""
+
+    def __init__(self, call, metadata: tuple[tuple[str, str], ...]):
+        self._call, self._metadata = call, metadata
+
+    def __call__(self, request, **kwargs):
+        return self._call(request, metadata=self._metadata, **kwargs)
+
+    def future(self, request, **kwargs):
+        return self._call.future(request, metadata=self._metadata, **kwargs)
 
 
 def tensor(name: str, value) -> pb.ModelInferRequest.InferInputTensor:
@@ -93,8 +110,8 @@ def max_diff(a: bytes, b: bytes) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
 
 
-def metrics(address: str) -> dict[str, float]:
-    v2 = V2(address)
+def metrics(address: str, token: str | None = None) -> dict[str, float]:
+    v2 = V2(address, token)
     try:
         reply = v2.WorkerMetrics(pb.WorkerMetricsRequest(), timeout=5)
     finally:

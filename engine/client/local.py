@@ -7,6 +7,15 @@ Each worker listens on a free loopback port it picks itself (`--listen 127.0.0.1
 its address to a ready file once loaded and warmed up, so there is no race for ports. On Linux a
 worker gets SIGTERM if the process that started it dies, so none is left orphaned.
 
+The ready files live in a temporary folder named after this process's pid
+(`kiln-workers-<pid>-*`), removed by stop(); a start removes the folders of owners that are no
+longer running, so even a `kill -9` leaves at most one folder, until the next start.
+
+`token`: the worker token every RPC to these workers must carry, handed to each worker in its
+environment (KILN_WORKER_TOKEN; never on its command line, which `ps` shows). None: the workers
+have no token (KILN_WORKER_TOKEN is removed from their environment, so that they never require
+one the caller does not know).
+
 Supervision: once started, a thread per worker waits on it (reaping it: no zombie) and, when it
 exits while not being stopped, restarts it on the same address after a backoff (RESTART_BACKOFF_S
 doubling up to RESTART_BACKOFF_MAX_S; back to the start once a worker has stayed up for
@@ -20,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,12 +41,39 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from engine.errors import WorkerUnavailableError
+from engine.worker.auth import TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = 0.5
 RESTART_BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
+FOLDER_PREFIX = "kiln-workers-"
+_FOLDER = re.compile(re.escape(FOLDER_PREFIX) + r"(\d+)-")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _remove_stale_folders() -> None:
+    """Remove this user's ready-file folders whose owner process is no longer running (one killed
+    with SIGKILL could not remove its own)."""
+    for path in Path(tempfile.gettempdir()).glob(FOLDER_PREFIX + "*"):
+        match = _FOLDER.match(path.name)
+        try:
+            mine = path.is_dir() and path.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if match and mine and not _running(int(match.group(1))):
+            log.info("removing %s, left by process %s that is no longer running", path, match.group(1))
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _death_signal():
@@ -52,7 +89,14 @@ def _death_signal():
     except (OSError, AttributeError):
         return None
     PR_SET_PDEATHSIG, SIGTERM = 1, int(signal.SIGTERM)
-    return lambda: prctl(PR_SET_PDEATHSIG, SIGTERM)
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, SIGTERM)
+        if os.getppid() != parent:  # the parent died between fork and prctl: no signal will come
+            os._exit(1)
+
+    return in_child
 
 
 class LocalWorkers:
@@ -74,6 +118,7 @@ class LocalWorkers:
         log_dir: str | Path | None = None,  # default: workers log to this process's stderr
         restart: bool = True,  # restart a worker that exits while not being stopped
         on_restart: Callable[[str], None] | None = None,  # called with the address once it is ready again
+        token: str | None = None,  # the worker token (see the module docstring); None: no token
     ):
         if count < 1:
             raise ValueError(f"count must be at least 1, got {count}")
@@ -103,6 +148,7 @@ class LocalWorkers:
         self.restarts: list[int] = [0] * count
         self.restart = restart
         self.on_restart = on_restart
+        self._token = token
         self._tmp: str | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # a restart and stop() never interleave
@@ -116,6 +162,9 @@ class LocalWorkers:
 
     def _spawn(self, index: int, ready: Path, listen_port: int) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop(TOKEN_ENV, None)
+        if self._token:
+            env[TOKEN_ENV] = self._token
         if self.devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.devices[index]
         out = None
@@ -141,7 +190,8 @@ class LocalWorkers:
 
     def start(self, timeout: float = 300.0) -> list[str]:
         """Start the workers and wait until every one is ready; their addresses, in order."""
-        self._tmp = tempfile.mkdtemp(prefix="kiln-workers-")
+        _remove_stale_folders()
+        self._tmp = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")
         self._stopping.clear()
         ready_files = [self._ready_file(i) for i in range(self.count)]
         self.processes = [self._spawn(i, ready, self.ports[i]) for i, ready in enumerate(ready_files)]

@@ -1,6 +1,6 @@
 """WorkerPool: the front end's asyncio client for a set of engine workers (grpc.aio).
 
-    pool = WorkerPool(["127.0.0.1:50051", "10.0.0.7:50051"])
+    pool = WorkerPool(["127.0.0.1:50051", "10.0.0.7:50051"], token=token)
     result = await pool.generate(ImageRequest(model="kiln-shapes", prompt="...", width=256,
                                               height=256, seed=1), timeout=60)
 
@@ -16,6 +16,16 @@ deterministic given the seed, so the caller gets the same images. A down worker 
 worker up is full. Every other failure raises the engine.errors type the worker raised (see
 engine.worker.status): InvalidRequestError(param=...), ModelNotFoundError, QueueFullError,
 WorkerUnavailableError, DeadlineExceededError (a TimeoutError), NonFiniteOutputError, EngineError.
+
+Worker token and TLS (engine/client/credentials.py): a plain address gets the pool's `token` and
+`credentials` (None: plaintext); an Endpoint brings its own. A worker that refuses the token
+(UNAUTHENTICATED) is a configuration error, not a dead worker: it is never marked down nor
+probed in a loop; the request moves on to the next worker, and WorkerAuthError (a 503 whose
+message says the worker token is wrong) is raised when no worker took it. It is logged once at
+ERROR per worker, naming its address, until a call to that worker succeeds again.
+
+Health: `ready()` only asks; it never marks a worker down or up, so scraping /ready or /metrics
+never changes routing. Only a failed call (transport failure, draining) marks a worker down.
 
 Cancellation: if the task awaiting `generate` is cancelled (the HTTP client went away), the gRPC
 call is cancelled and the worker drops the request's samples at its next step boundary.
@@ -34,8 +44,9 @@ from typing import Sequence
 import grpc
 import msgspec
 
+from engine.client.credentials import Endpoint
 from engine.client.types import ImageRequest, GenerationResult, ModelLimits, ProgressCallback
-from engine.errors import DeadlineExceededError, QueueFullError, WorkerUnavailableError
+from engine.errors import DeadlineExceededError, QueueFullError, WorkerAuthError, WorkerUnavailableError
 from engine.worker import inference_pb2 as pb
 from engine.worker import inference_pb2_grpc as pb_grpc
 from engine.worker import wire
@@ -74,9 +85,12 @@ class _WorkerGone(Exception):
 
 
 class _Worker:
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(self, endpoint: Endpoint):
+        self.endpoint = endpoint
+        self.address = endpoint.address
+        self.metadata = endpoint.metadata  # sent with every call: the worker token
         self.up = True  # optimistic until a call or a probe says otherwise
+        self.refused_token = False  # its last answer was UNAUTHENTICATED (logged once)
         self.outstanding = 0.0
         self.in_flight = 0
         self.failures = 0
@@ -87,7 +101,11 @@ class _Worker:
     @property
     def stub(self) -> pb_grpc.GRPCInferenceServiceStub:
         if self._stub is None:  # created inside the running event loop
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            credentials = self.endpoint.credentials
+            if credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            else:
+                self._channel = grpc.aio.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
             self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
 
@@ -102,15 +120,21 @@ class _Worker:
 class WorkerPool:
     def __init__(
         self,
-        addresses: Sequence[str],
+        addresses: Sequence[str | Endpoint],
         *,
+        token: str | None = None,  # for plain addresses: the worker token (None: send none)
+        credentials: grpc.ChannelCredentials | None = None,  # for plain addresses: TLS (None: plaintext)
         retries: int = 1,
         probe_interval: float = 1.0,
         probe_timeout: float = 2.0,
     ):
         if not addresses:
             raise ValueError("WorkerPool needs at least one worker address (host:port)")
-        self._workers = [_Worker(a) for a in dict.fromkeys(addresses)]
+        unique: dict[str, Endpoint] = {}
+        for a in addresses:
+            endpoint = a if isinstance(a, Endpoint) else Endpoint(a, token=token, credentials=credentials)
+            unique.setdefault(endpoint.address, endpoint)
+        self._workers = [_Worker(e) for e in unique.values()]
         self.retries = retries
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
@@ -146,11 +170,14 @@ class WorkerPool:
         tried: set[_Worker] = set()
         failovers = 0
         full: QueueFullError | None = None
+        refused: WorkerAuthError | None = None
         while True:
             worker = await self._pick(tried)
             if worker is None:
                 if full is not None:
                     raise full
+                if refused is not None:
+                    raise refused
                 raise WorkerUnavailableError(
                     f"no worker can take the request: {', '.join(self._describe())}"
                 )
@@ -163,7 +190,11 @@ class WorkerPool:
             worker.outstanding += cost
             worker.in_flight += 1
             try:
-                return await self._call(worker, params, remaining, on_progress)
+                result = await self._call(worker, params, remaining, on_progress)
+                self._accepted(worker)
+                return result
+            except WorkerAuthError as e:
+                refused = self._refused(worker, e)  # not down: a configuration error, another worker may take it
             except _WorkerGone as gone:
                 self._mark_down(worker, str(gone))
                 if failovers >= self.retries:
@@ -188,13 +219,13 @@ class WorkerPool:
         request = wire.encode_request(params, request_id=uuid.uuid4().hex)
         try:
             if on_progress is None:
-                call = worker.stub.ModelInfer(request, timeout=timeout)
+                call = worker.stub.ModelInfer(request, timeout=timeout, metadata=worker.metadata)
                 try:
                     return wire.decode_result(await call, worker.address)
                 except BaseException:
                     call.cancel()  # a cancelled caller cancels the RPC: the worker frees the samples
                     raise
-            stream = worker.stub.ModelInferStream(request, timeout=timeout)
+            stream = worker.stub.ModelInferStream(request, timeout=timeout, metadata=worker.metadata)
             try:
                 async for message in stream:
                     response = message.infer_response
@@ -209,6 +240,8 @@ class WorkerPool:
             raise _WorkerGone("the progress stream ended without a result")
         except grpc.aio.AioRpcError as e:
             error = from_status(e.code(), e.details() or "", dict(e.trailing_metadata() or ()))
+            if isinstance(error, WorkerAuthError):  # before its base class: never "worker gone"
+                raise error from None
             if error is None or isinstance(error, WorkerUnavailableError):
                 raise _WorkerGone(f"{e.code().name}: {e.details()}") from None
             raise error from None
@@ -245,12 +278,32 @@ class WorkerPool:
         if (worker.probe is None or worker.probe.done()) and not self._closed:
             worker.probe = asyncio.get_running_loop().create_task(self._probe_until_up(worker))
 
-    async def _probe(self, worker: _Worker) -> bool:
+    def _refused(self, worker: _Worker, error: WorkerAuthError) -> WorkerAuthError:
+        """Note that `worker` refused our token; the error to raise, naming the worker."""
+        if not worker.refused_token:
+            log.error("worker %s refused the worker token: %s", worker.address, error)  # the token itself is never logged
+            worker.refused_token = True
+        return WorkerAuthError(f"worker {worker.address} refused this front end's worker token: {error}")
+
+    def _accepted(self, worker: _Worker) -> None:
+        if worker.refused_token:
+            log.info("worker %s accepts the worker token again", worker.address)
+            worker.refused_token = False
+
+    async def _ask_ready(self, worker: _Worker) -> bool:
+        """ServerReady, read-only: changes nothing about routing."""
         try:
-            reply = await worker.stub.ServerReady(pb.ServerReadyRequest(), timeout=self.probe_timeout)
-            ready = reply.ready
-        except grpc.aio.AioRpcError:
-            ready = False
+            reply = await worker.stub.ServerReady(pb.ServerReadyRequest(), timeout=self.probe_timeout, metadata=worker.metadata)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self._refused(worker, WorkerAuthError(e.details() or "UNAUTHENTICATED"))
+            return False
+        self._accepted(worker)
+        return reply.ready
+
+    async def _probe(self, worker: _Worker) -> bool:
+        """ServerReady, and take the worker back when it is ready (routing's own probe)."""
+        ready = await self._ask_ready(worker)
         if ready and not worker.up:
             log.info("worker %s is ready again", worker.address)
             worker.up = True
@@ -263,12 +316,9 @@ class WorkerPool:
                 return
 
     async def ready(self) -> bool:
-        """Probe every worker now; True when at least one is ready."""
-        results = await asyncio.gather(*(self._probe(w) for w in self._workers))
-        for worker, ok in zip(self._workers, results):
-            if not ok:
-                self._mark_down(worker, "not ready")
-        return any(results)
+        """Ask every worker now; True when at least one is ready. Read-only: health endpoints
+        (/ready, /metrics) call it, and scraping them must never change where requests go."""
+        return any(await asyncio.gather(*(self._ask_ready(w) for w in self._workers)))
 
     def status(self) -> list[WorkerStatus]:
         return [WorkerStatus(w.address, w.up, w.outstanding, w.in_flight, w.failures) for w in self._workers]
@@ -282,20 +332,29 @@ class WorkerPool:
         """The models the workers serve (each once, as its first answering worker describes it)."""
         found: dict[str, ModelLimits] = {}
         answered = False
+        refused: WorkerAuthError | None = None
         for worker in [w for w in self._workers if w.up]:
             try:
-                index = await worker.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=self.probe_timeout)
+                index = await worker.stub.RepositoryIndex(
+                    pb.RepositoryIndexRequest(ready=True), timeout=self.probe_timeout, metadata=worker.metadata
+                )
                 for entry in index.models:
                     if entry.name in found:
                         continue
                     meta = await worker.stub.ModelMetadata(
-                        pb.ModelMetadataRequest(name=entry.name), timeout=self.probe_timeout
+                        pb.ModelMetadataRequest(name=entry.name), timeout=self.probe_timeout, metadata=worker.metadata
                     )
                     found[entry.name] = wire.decode_model_metadata(meta)
                 answered = True
+                self._accepted(worker)
             except grpc.aio.AioRpcError as e:
-                log.info("worker %s did not list its models: %s", worker.address, e.code().name)
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    refused = self._refused(worker, WorkerAuthError(e.details() or "UNAUTHENTICATED"))
+                else:
+                    log.info("worker %s did not list its models: %s", worker.address, e.code().name)
         if not answered:
+            if refused is not None:
+                raise refused
             raise WorkerUnavailableError(f"no worker answered: {', '.join(self._describe())}")
         for info in found.values():
             self._default_steps[info.name] = info.default_steps
@@ -306,8 +365,12 @@ class WorkerPool:
         out: dict[str, dict[str, float]] = {}
         for worker in self._workers:
             try:
-                reply = await worker.stub.WorkerMetrics(pb.WorkerMetricsRequest(), timeout=self.probe_timeout)
-            except grpc.aio.AioRpcError:
+                reply = await worker.stub.WorkerMetrics(
+                    pb.WorkerMetricsRequest(), timeout=self.probe_timeout, metadata=worker.metadata
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    self._refused(worker, WorkerAuthError(e.details() or "UNAUTHENTICATED"))
                 continue
             out[worker.address] = {**{k: float(v) for k, v in reply.counters.items()}, **dict(reply.gauges)}
         return out
@@ -317,4 +380,4 @@ class WorkerPool:
         await asyncio.gather(*(w.close() for w in self._workers))
 
 
-__all__ = ["WorkerPool", "WorkerStatus"]
+__all__ = ["Endpoint", "WorkerPool", "WorkerStatus"]

@@ -3,6 +3,10 @@
     kiln worker --package build/<name>/<target> [--package ...] --listen 127.0.0.1:50051
                 [--max-batch 8] [--max-queue 64] [--warmup-size 256x256[,512x512]] [--no-batching]
                 [--threads 0] [--drain-timeout 30] [--ready-file PATH]
+                [--token-file PATH] [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
+
+The worker token comes from KILN_WORKER_TOKEN or --token-file, never from an option's value (the
+command line is visible in `ps`). A worker listening beyond loopback must have one.
 
 Exit status: 0 after a clean stop (SIGTERM/SIGINT drains first), 2 for a bad setting or a
 start-up failure (the message names the setting).
@@ -13,10 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from pathlib import Path
+from typing import Mapping
 
 from engine.errors import InvalidRequestError
 from engine.shapes import parse_size
+from engine.worker.auth import TOKEN_ENV, ServerTLS, is_loopback, read_pem, token_problem
 from engine.worker.server import WorkerConfig, run_worker
 
 log = logging.getLogger("kiln.worker")
@@ -37,11 +44,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads per session (0: one per core)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish accepted work on SIGTERM")
     p.add_argument("--ready-file", default=None, help="write host:port here once ready")
+    p.add_argument(
+        "--token-file",
+        default=None,
+        help=f"file holding the token every RPC must carry (or set {TOKEN_ENV}; required beyond loopback)",
+    )
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, help="PEM CA: require client certificates it signed (mutual TLS)")
     return p
 
 
-def parse_config(argv: list[str]) -> WorkerConfig:
-    """argv -> a checked WorkerConfig; exits 2 with a message naming the bad setting."""
+def _token(parser: argparse.ArgumentParser, token_file: str | None, env: Mapping[str, str]) -> str | None:
+    from_env = env.get(TOKEN_ENV, "").strip()
+    if token_file and from_env:
+        parser.error(f"give the worker token once: --token-file or {TOKEN_ENV}, not both")
+    if token_file:
+        try:
+            token, setting = Path(token_file).read_text().strip(), f"--token-file {token_file}"
+        except OSError as e:
+            parser.error(f"--token-file {token_file}: cannot read it ({e.strerror})")
+    else:
+        token, setting = from_env, TOKEN_ENV
+    if not token:
+        return None
+    problem = token_problem(token)
+    if problem:
+        parser.error(f"the worker token ({setting}) {problem}")  # never echoed
+    return token
+
+
+def _tls(parser: argparse.ArgumentParser, a: argparse.Namespace) -> ServerTLS | None:
+    if bool(a.tls_cert) != bool(a.tls_key):
+        parser.error("--tls-cert and --tls-key come as a pair (the worker's certificate and its key)")
+    if a.tls_client_ca and not a.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    if not a.tls_cert:
+        return None
+    try:
+        return ServerTLS(
+            cert_chain=read_pem(a.tls_cert, "--tls-cert"),
+            private_key=read_pem(a.tls_key, "--tls-key"),
+            client_ca=read_pem(a.tls_client_ca, "--tls-client-ca") if a.tls_client_ca else None,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def parse_config(argv: list[str], env: Mapping[str, str] | None = None) -> WorkerConfig:
+    """argv (and the environment, for the token) -> a checked WorkerConfig; exits 2 with a
+    message naming the bad setting."""
+    env = os.environ if env is None else env
     parser = build_parser()
     a = parser.parse_args(argv)
     packages = tuple(Path(p) for p in a.package)
@@ -65,6 +118,14 @@ def parse_config(argv: list[str]) -> WorkerConfig:
             sizes.append(parse_size(text, param="--warmup-size"))
         except InvalidRequestError as e:
             parser.error(f"--warmup-size: {e}")
+    token = _token(parser, a.token_file, env)
+    if token is None and not is_loopback(host):
+        # Anyone who can reach the port could otherwise run the models (and read what they make).
+        parser.error(
+            f"--listen {a.listen} is reachable from other machines: set {TOKEN_ENV} (or --token-file) "
+            "to a shared secret of at least 16 characters, and the same token as the front end's workers.token"
+        )
+    tls = _tls(parser, a)
     return WorkerConfig(
         packages=packages,
         listen=a.listen,
@@ -75,6 +136,8 @@ def parse_config(argv: list[str]) -> WorkerConfig:
         threads=a.threads,
         drain_timeout=a.drain_timeout,
         ready_file=Path(a.ready_file) if a.ready_file else None,
+        token=token,
+        tls=tls,
     )
 
 

@@ -6,6 +6,8 @@ Life of a worker (`run_worker`):
   with UNAVAILABLE, accepted requests finish (bounded by the drain timeout; what is left then is
   failed with UNAVAILABLE so clients retry elsewhere) -> exit 0.
 A warm-up failure (out of memory, say) is a start-up error naming the setting to lower.
+The standard grpc.health.v1 service follows the same states (engine/worker/health.py). With a
+token every other RPC requires it; with TLS the port speaks only TLS (engine/worker/auth.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -36,6 +38,8 @@ from engine.shapes import parse_size
 from engine.worker import inference_pb2 as pb
 from engine.worker import inference_pb2_grpc as pb_grpc
 from engine.worker import wire
+from engine.worker.auth import ServerTLS, TokenInterceptor
+from engine.worker.health import Health
 from engine.worker.scheduler import Event, Job, JobFailed, JobResult, Scheduler
 from engine.worker.status import to_status
 
@@ -66,6 +70,8 @@ class WorkerConfig:
     threads: int = 0  # onnxruntime intra-op threads; 0: its default
     drain_timeout: float = 30.0
     ready_file: Path | None = None  # written with "host:port" once ready (LocalWorkers waits on it)
+    token: str | None = field(default=None, repr=False)  # every RPC but health must carry it; a secret
+    tls: ServerTLS | None = None  # None: plaintext
 
 
 class StartupError(KilnError):
@@ -275,11 +281,17 @@ def _write_ready_file(path: Path, address: str) -> None:
 async def run_worker(config: WorkerConfig) -> int:
     """Serve until SIGTERM/SIGINT, then drain. 0 on a clean stop, 2 on a start-up error."""
     service = InferenceService(config)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    interceptors = [TokenInterceptor(config.token)] if config.token else []
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    health = Health(server)
+    await health.loading()
     host = config.listen.rsplit(":", 1)[0]
     try:
-        port = server.add_insecure_port(config.listen)
+        if config.tls is not None:
+            port = server.add_secure_port(config.listen, config.tls.credentials())
+        else:
+            port = server.add_insecure_port(config.listen)
     except RuntimeError as e:
         port, reason = 0, str(e)
     else:
@@ -289,7 +301,13 @@ async def run_worker(config: WorkerConfig) -> int:
         return 2
     address = f"{host}:{port}"
     await server.start()
-    log.info("worker live on %s, loading %d package(s)", address, len(config.packages))
+    log.info(
+        "worker live on %s (%s, %s), loading %d package(s)",
+        address,
+        "plaintext" if config.tls is None else ("mutual TLS" if config.tls.client_ca else "TLS"),
+        "token required" if config.token else "no token",
+        len(config.packages),
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -304,6 +322,7 @@ async def run_worker(config: WorkerConfig) -> int:
         return 2
     service.scheduler.start()
     service.ready = True
+    await health.serving()
     if config.ready_file:
         _write_ready_file(config.ready_file, address)
     log.info(
@@ -318,6 +337,7 @@ async def run_worker(config: WorkerConfig) -> int:
     await stop.wait()
     log.info("draining: no new requests, finishing accepted ones (at most %.0fs)", config.drain_timeout)
     service.draining = True
+    await health.draining()
     scheduler = service.scheduler
     scheduler.stop_accepting()
     if not await asyncio.to_thread(scheduler.wait_idle, config.drain_timeout):

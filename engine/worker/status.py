@@ -10,6 +10,7 @@ it came from the transport (a worker that died, a deadline the client set), not 
 | ModelNotFoundError           | NOT_FOUND           | no loaded package has that model name           |
 | InvalidRequestError (+param) | INVALID_ARGUMENT    | a bad parameter; the message names it           |
 | QueueFullError               | RESOURCE_EXHAUSTED  | the admission queue is full (nothing was done)  |
+| WorkerAuthError              | UNAUTHENTICATED     | no worker token, or a wrong one (see auth.py)   |
 | WorkerUnavailableError       | UNAVAILABLE         | loading, warming up, draining or shut down      |
 | DeadlineExceededError        | DEADLINE_EXCEEDED   | the call's deadline passed; its work was dropped|
 | RequestCancelledError        | CANCELLED           | the request was cancelled                       |
@@ -31,6 +32,7 @@ STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (E.ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (E.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (E.QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (E.WorkerAuthError, grpc.StatusCode.UNAUTHENTICATED),  # before its base class
     (E.WorkerUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (E.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (E.RequestCancelledError, grpc.StatusCode.CANCELLED),
@@ -46,6 +48,7 @@ KNOWN: dict[str, type[E.KilnError]] = {
         E.UnknownSamplerError,
         E.InvalidRequestError,
         E.QueueFullError,
+        E.WorkerAuthError,
         E.WorkerUnavailableError,
         E.DeadlineExceededError,
         E.RequestCancelledError,
@@ -61,6 +64,7 @@ TRANSPORT: dict[grpc.StatusCode, type[E.KilnError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: E.InvalidRequestError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: E.EngineError,  # a message over the size limit
     grpc.StatusCode.UNIMPLEMENTED: E.EngineError,  # a worker of another version
+    grpc.StatusCode.UNAUTHENTICATED: E.WorkerAuthError,  # a proxy in front of the worker refused us
 }
 
 
