@@ -41,7 +41,7 @@ OPENAPI_PATH = "/schema"
 def create_app(config: Config, engine: EnginePort, *, close_engine: bool = False, metrics: Metrics | None = None) -> Observed:
     metrics = metrics or Metrics()
     drain = Drain(config.limits.drain_timeout, config.limits.retry_after_s)
-    store = ImageStore(config.images.dir, config.images.ttl_minutes * 60.0, config.public_url)
+    store = ImageStore(config.images.dir, config.images.ttl_minutes * 60.0, config.public_url, config.images.max_bytes, metrics)
     registry = ModelRegistry(config, engine)
     generator = Generator(config, engine, store, metrics, drain)
     chat_service = ChatService(registry, generator, metrics, store, default_shape=config.images.chat_answer)

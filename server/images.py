@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from email.utils import formatdate
+
+import anyio
 from litestar import Request, Response, get, post
 from litestar.openapi import ResponseSpec
-from litestar.response import File
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
@@ -67,7 +69,13 @@ async def image_variations(request: Request, images: NamedDependency[ImagesServi
     responses={404: error_spec("Unknown or expired image")},
     tags=["images"],
 )
-async def image_file(name: FromPath[str], store: NamedDependency[ImageStore]) -> File:
-    path = store.path(name)
-    cache = f"private, max-age={store.seconds_left(path)}"
-    return File(path, media_type="image/png", content_disposition_type="inline", headers={"cache-control": cache})
+async def image_file(name: FromPath[str], store: NamedDependency[ImageStore]) -> Response:
+    # Read in full from a descriptor opened first (server/images_store.py): a file the cleaner
+    # removes meanwhile is either served whole or a 404, never a half-sent answer or a 500.
+    image = await anyio.to_thread.run_sync(store.read, name)
+    headers = {
+        "cache-control": f"private, max-age={image.seconds_left}",
+        "last-modified": formatdate(image.mtime, usegmt=True),  # an HTTP-date (RFC 9110)
+        "content-disposition": "inline",
+    }
+    return Response(image.data, media_type="image/png", headers=headers)

@@ -1,7 +1,8 @@
 """Prometheus metrics of the front end, rendered in the text exposition format (version 0.0.4).
 
-A small registry instead of a dependency: counters, gauges and histograms with labels, all updated
-from the event loop thread. Names and meanings are listed in `Metrics`.
+A small registry instead of a dependency: counters, gauges and histograms with labels, updated from
+the event loop thread -- except the image store's, which its worker threads update under the
+store's lock. Names and meanings are listed in `Metrics`.
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ class Metrics:
             "kiln_cancellations_total", "Generations cancelled because the client went away.", ("route",)
         )
         self.stored_images = Gauge("kiln_hosted_images", "PNG files currently hosted under /v1/images/files.")
+        self.stored_bytes = Gauge("kiln_images_stored_bytes", "Bytes of the PNG files hosted under /v1/images/files.")
+        self.images_evicted = Counter(
+            "kiln_images_evicted_total", "Hosted images removed before they expired to keep within images.max_bytes."
+        )
         self.workers_ready = Gauge("kiln_workers_ready", "1 when at least one worker is ready, else 0.")
         self.worker_restarts = Counter(
             "kiln_worker_restarts_total", "Local workers restarted after they exited, by worker address.", ("worker",)

@@ -30,6 +30,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-0123456789"
 SECOND_KEY = "second-key-9876543210"
+# The shared server's workers require this token, so that other front ends of a test can use them.
+WORKER_TOKEN = "test-worker-token-0123456789"
 MODEL = "sd1"
 ALIASES = ("gpt-4o", "dall-e-3", "dall-e-2")
 
@@ -169,7 +171,7 @@ def serve_process(package: Path, base: Path, **limits) -> LiveServer:
     config = base / "kiln.toml"
     config.write_text(toml_config(package, port, worker_port, base / "images", **limits))
     log = base / "server.log"
-    env = {**os.environ, "KILN_API_KEYS": f"{API_KEY},{SECOND_KEY}", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "KILN_API_KEYS": f"{API_KEY},{SECOND_KEY}", "KILN_WORKER_TOKEN": WORKER_TOKEN, "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kiln.cli", "serve", "--config", str(config)],
@@ -212,7 +214,8 @@ def thread_server(
         "limits": {"max_n": 2, "max_steps": 150, "retry_after_s": 3, **limits},
     }
     config = parse_config(raw, env={})
-    app = create_app(config, WorkerPool([worker], probe_interval=0.2, probe_timeout=0.5), close_engine=True)
+    pool = WorkerPool([worker], token=WORKER_TOKEN, probe_interval=0.2, probe_timeout=0.5)
+    app = create_app(config, pool, close_engine=True)
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
     thread = threading.Thread(target=lambda: asyncio.run(uv.serve()), daemon=True)
     thread.start()
