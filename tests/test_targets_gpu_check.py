@@ -55,9 +55,9 @@ def test_summary_reports_goals_and_ratio():
     assert row.split()[1:3] == ["7.5", "210.0"] and row.split()[-2:] == ["1.71", "0.4"]
 
 
-def test_dry_run_on_cpu_makes_every_file(tmp_path):
+def test_dry_run_on_cpu_makes_every_file(tmp_path, tiny_checkpoint):
     code = gpu_check.main(["--dry-run-cpu", "--no-diffusers", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
-                           "--sizes", "64x64", "--checkpoint", str(ROOT / "build" / "test-cache" / "checkpoints" / "sd1")])
+                           "--sizes", "64x64", "--checkpoint", str(tiny_checkpoint("sd1"))])
     assert code == 0
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert report["parity"]["pass"] and report["errors"] == {}

@@ -9,16 +9,19 @@ of sizes without engines, and the messages when tensorrt, CuPy or a GPU is missi
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import shutil
+import subprocess
 import sys
+import threading
 import types
 
 import msgspec
 import numpy as np
 import pytest
 
-from engine.errors import IncompatiblePackageError, InvalidRequestError, PackageError
+from engine.errors import EngineError, IncompatiblePackageError, InvalidRequestError, PackageError
 from engine.manifest import read_manifest, write_manifest
 from engine.pipeline import ImageRequest, Pipeline
 from engine.tensorrt import cache
@@ -209,9 +212,12 @@ def test_tensorrt_pipeline_refuses_unbuilt_sizes_and_runs_built_ones(tiny_packag
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setattr("engine.tensorrt.pipeline.gpu_identity", lambda device_id=0: H100)
 
+    handed = {}  # component -> (engine entries, input names, output names) the pipeline gave it
+
     class CpuStandIn:
         def __init__(self, package, name, entries, input_names, output_names, vae_scale_factor, device_id=0):
             m = read_manifest(package)
+            handed[name] = ({(e.component, e.size) for e in entries}, input_names, output_names)
             self.sessions = ComponentSessions(package, name, m.components[name], ["CPUExecutionProvider"], RuntimeOptions(threads=1))
             self.output_names = output_names
 
@@ -226,6 +232,56 @@ def test_tensorrt_pipeline_refuses_unbuilt_sizes_and_runs_built_ones(tiny_packag
     req = ImageRequest(prompt="a red circle", width=64, height=64, seed=1, steps=2)
     plain = Pipeline(tiny_package("sd1")).generate([req])[0]
     np.testing.assert_array_equal(pipe.generate([req])[0], plain)
+    manifest = read_manifest(package)
+    for name, (entries, inputs, outputs) in handed.items():  # each component gets its own engines only
+        sizes = {None} if name == "text_encoder" else {"64x64", "128x128"}
+        assert entries == {(name, size) for size in sizes}
+        assert inputs == [t.name for t in manifest.components[name].inputs]
+        assert outputs == [t.name for t in manifest.components[name].outputs]
+    assert {"text_encoder", "unet", "vae_decoder"} <= set(handed)
+
+
+# ---- the runtime's engine choice and batch slicing (no GPU: the TensorRT launch is replaced) ----
+
+
+def _component_without_a_gpu(name: str, sizes: list[str | None], max_rows: int, monkeypatch):
+    """A TensorRTComponent whose engines are never loaded: `_infer` echoes each engine's size and
+    the rows it was given, so what `run` picks and how it slices are visible."""
+    from engine.tensorrt.runtime import TensorRTComponent, _Engine
+
+    comp = object.__new__(TensorRTComponent)  # __init__ needs cupy and tensorrt
+    comp.name, comp.input_names, comp.output_names, comp.vae_scale_factor = name, ["x"], ["y"], 8
+    comp._lock, comp._device = threading.Lock(), contextlib.nullcontext()
+    comp._engines = {size: _Engine(entry=None, engine=size, context=None, max_rows=max_rows) for size in sizes}
+    calls = []
+
+    def infer(engine, feeds, whole):
+        calls.append((engine.engine, len(feeds["x"]), whole))
+        return [feeds["x"] * 2]
+
+    monkeypatch.setattr(comp, "_infer", infer)
+    return comp, calls
+
+
+def test_runtime_picks_the_engine_of_the_latent_size_and_slices_batches_over_its_profile(monkeypatch):
+    unet, calls = _component_without_a_gpu("unet", ["64x64", "128x64"], max_rows=4, monkeypatch=monkeypatch)
+    latents = np.arange(10 * 4 * 8 * 16, dtype=np.float32).reshape(10, 4, 8, 16)  # (B, C, H/8, W/8): 128x64
+    (out,) = unet.run({"x": latents})
+    np.testing.assert_array_equal(out, latents * 2)  # slices put back in order
+    assert calls == [("128x64", 4, False), ("128x64", 4, False), ("128x64", 2, False)]
+    calls.clear()
+    unet.run({"x": latents[:3, :, :, :8]})  # fits one profile: run whole (inputs may stay resident)
+    assert calls == [("64x64", 3, True)]
+    with pytest.raises(EngineError, match="no TensorRT engine for 96x96; built: 64x64, 128x64"):
+        unet.run({"x": np.zeros((1, 4, 12, 12), np.float32)})
+
+
+def test_runtime_sizes_the_vae_encoder_by_its_pixels_and_a_shared_engine_by_nothing(monkeypatch):
+    encoder, calls = _component_without_a_gpu("vae_encoder", ["64x64"], max_rows=2, monkeypatch=monkeypatch)
+    encoder.run({"x": np.zeros((1, 3, 64, 64), np.float32)})  # (B, 3, H, W): pixels, not latents
+    text, text_calls = _component_without_a_gpu("text_encoder", [None], max_rows=8, monkeypatch=monkeypatch)
+    text.run({"x": np.zeros((2, 77), np.int32)})
+    assert calls == [("64x64", 1, True)] and text_calls == [(None, 2, True)]
 
 
 # ---- errors at export -----------------------------------------------------------------------
@@ -265,7 +321,24 @@ def test_tensorrt_without_a_gpu_says_so(monkeypatch):
 
 
 def test_no_gpu_is_named_when_nothing_can_see_one(monkeypatch):
+    # CuPy, cuda-python and nvidia-smi all absent, whatever this machine has installed
+    for module in ("cupy", "cuda", "cuda.bindings"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import` of a None entry raises ImportError
     monkeypatch.setattr(cache.shutil, "which", lambda name: None)
-    if importlib.util.find_spec("cupy") is None and importlib.util.find_spec("cuda") is None:
-        with pytest.raises(PackageError, match="no NVIDIA GPU 0 is visible"):
-            cache.gpu_identity()
+    with pytest.raises(PackageError, match="no NVIDIA GPU 0 is visible"):
+        cache.gpu_identity()
+
+
+def test_the_gpu_is_named_from_nvidia_smi_when_python_cannot_see_it(monkeypatch):
+    for module in ("cupy", "cuda", "cuda.bindings"):
+        monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setattr(cache.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    asked = []
+
+    def nvidia_smi(cmd, **kwargs):
+        asked.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="NVIDIA H100 80GB HBM3, 9.0\nNVIDIA H100 80GB HBM3, 9.0\n")
+
+    monkeypatch.setattr(cache.subprocess, "run", nvidia_smi)
+    assert cache.gpu_identity(1) == H100
+    assert asked[0][1] == "--id=1"

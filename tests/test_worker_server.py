@@ -193,11 +193,17 @@ def test_an_expired_deadline_frees_the_remaining_steps(worker):
             with pytest.raises(DeadlineExceededError):
                 await pool.generate(long, timeout=0.25)
 
+    assert wait_for(lambda: metrics(worker)["live_requests"] == 0, 30), "the worker is idle, so its counters are this request's"
     before = metrics(worker)
     arun(run())
     assert wait_for(lambda: metrics(worker)["requests_expired"] == before["requests_expired"] + 1, 10)
-    assert metrics(worker)["freed_steps"] > before["freed_steps"]
-    assert 0 < metrics(worker)["mean_batch"] <= metrics(worker)["max_batch"]
+    assert wait_for(lambda: metrics(worker)["running_images"] == 0, 10)
+    after = metrics(worker)
+    ran = after["sample_steps"] - before["sample_steps"]  # the only request on the worker: its steps
+    freed = after["freed_steps"] - before["freed_steps"]
+    assert ran < long.steps, "the deadline passed long before 150 steps were done"
+    assert freed == long.steps - ran, "every step not run is freed, and none twice"
+    assert after["live_requests"] == 0
 
 
 def test_a_short_request_does_not_wait_behind_a_long_one_of_another_size(worker):
