@@ -1,0 +1,172 @@
+"""Health: the standard grpc.health.v1 service (SERVING once ready, NOT_SERVING while draining,
+open without the worker token), and the front end's health endpoints never change routing: a
+failed probe from /ready or /metrics marks no worker down. Real worker processes, real gRPC,
+synchronised on the workers' own answers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from typing import Callable
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.client.pool import WorkerPool
+from engine.request import ImageRequest
+from engine.worker import inference_pb2 as pb
+from tests._server import API_KEY, MODEL, free_port
+from tests._workers import V2, infer_request, start_workers, wait_for
+
+TOKEN = "health-token-0123456789abcdef"
+SERVICES = ("", "inference.GRPCInferenceService")
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health(address: str, service: str = "") -> int:
+    """grpc.health.v1 Check, as a Kubernetes `grpc:` probe sends it: no metadata, no token."""
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+class Draining:
+    """A worker (with the token) that got SIGTERM while one long request was running: not ready,
+    draining, until the request finishes."""
+
+    def __init__(self, package):
+        self.workers = start_workers(package, token=TOKEN, restart=False)
+        self.address = self.workers.addresses[0]
+        self.v2 = V2(self.address, token=TOKEN)
+        request = infer_request(prompt="a cat", width=192, height=192, seed=3, steps=150)
+        self.stream = self.v2.ModelInferStream(request, timeout=120)
+        next(self.stream)  # running
+        self.workers.processes[0].send_signal(signal.SIGTERM)
+        assert wait_for(lambda: not self.v2.ServerReady(pb.ServerReadyRequest(), timeout=5).ready, 30), "not draining"
+
+    def finish(self) -> str:
+        """The last event of the long request (it finishes while the worker drains)."""
+        return list(self.stream)[-1].infer_response.parameters["kiln_event"].string_param
+
+    def close(self) -> None:
+        self.v2.close()
+        self.workers.stop()
+
+
+@pytest.fixture
+def draining(tiny_package):
+    worker = Draining(tiny_package("sd1"))
+    yield worker
+    worker.close()
+
+
+def test_health_is_serving_once_ready_and_needs_no_token(tiny_package):
+    workers = start_workers(tiny_package("sd1"), token=TOKEN)
+    try:
+        assert [health(workers.addresses[0], s) for s in SERVICES] == [SERVING, SERVING]
+    finally:
+        workers.stop()
+
+
+def test_health_is_not_serving_while_draining_and_accepted_work_still_finishes(draining):
+    assert [health(draining.address, s) for s in SERVICES] == [NOT_SERVING, NOT_SERVING]
+    assert draining.finish() == "result"
+
+
+def test_a_failed_ready_probe_marks_no_worker_down(tiny_package):
+    """ready() with a probe timeout too short to answer: False, yet the worker stays in routing."""
+    workers = start_workers(tiny_package("sd1"))
+    try:
+
+        async def run():
+            async with WorkerPool(workers.addresses, probe_timeout=1e-4) as pool:
+                ready = await pool.ready()
+                status = pool.status()
+                request = ImageRequest(model="sd1", prompt="a", width=64, height=64, seed=1, steps=2)
+                return ready, status, await pool.generate(request, timeout=60)
+
+        ready, status, result = asyncio.run(run())
+    finally:
+        workers.stop()
+    assert not ready
+    assert status[0].up and status[0].failures == 0
+    assert result.worker == workers.addresses[0]
+
+
+def in_process_front_end(pool: WorkerPool, package, worker: str, images) -> tuple[str, Callable[[], None]]:
+    """The real app (uvicorn in a thread) over `pool`; its URL and a stop function."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.config import parse_config
+
+    port = free_port()
+    config = parse_config(
+        {
+            "server": {"port": port},
+            "auth": {"api_keys": [API_KEY]},
+            "models": [{"name": MODEL, "package": str(package), "default_size": "64x64", "default_steps": 2}],
+            "workers": {"local": 0, "remote": [worker]},
+            "images": {"dir": str(images)},
+        },
+        env={},
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(config, pool, close_engine=True), host="127.0.0.1", port=port,
+                                           log_config=None, access_log=False))  # fmt: skip
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    assert wait_for(lambda: server.started or not thread.is_alive(), 30) and server.started
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(15)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+def test_scraping_ready_and_metrics_never_marks_a_worker_down(draining, tiny_package, tmp_path):
+    pool = WorkerPool([draining.address], token=TOKEN)
+    url, stop = in_process_front_end(pool, tiny_package("sd1"), draining.address, tmp_path)
+    try:
+        for _ in range(3):
+            assert httpx.get(url + "/ready", timeout=10).status_code == 503  # the worker is draining
+            metrics = httpx.get(url + "/metrics", timeout=10)
+            assert metrics.status_code == 200 and "kiln_workers_ready 0" in metrics.text
+        (status,) = pool.status()
+        assert status.up and status.failures == 0
+    finally:
+        stop()
+    assert draining.finish() == "result"
+
+
+def test_health_is_not_serving_before_the_worker_is_ready(tiny_package, tmp_path):
+    """Live and loading: NOT_SERVING until the warm-up is done (long warm-up sizes to watch it)."""
+    import subprocess
+    import sys
+
+    from tests._server import free_port as port_of
+
+    port, ready_file = port_of(), tmp_path / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiln.cli", "worker", "--package", str(tiny_package("sd1")), "--threads", "1",
+         "--listen", f"127.0.0.1:{port}", "--max-batch", "2", "--warmup-size", "256x256,384x384,448x448,512x512",
+         "--ready-file", str(ready_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    seen: list[int] = []
+    try:
+        end = time.monotonic() + 60
+        while not ready_file.exists() and proc.poll() is None and time.monotonic() < end:
+            try:
+                seen.append(health(f"127.0.0.1:{port}"))
+            except grpc.RpcError:
+                pass  # not listening yet
+        assert ready_file.exists(), "not ready in 60 s"
+        assert NOT_SERVING in seen and SERVING not in seen[: seen.index(NOT_SERVING)]
+        assert health(f"127.0.0.1:{port}") == SERVING
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
