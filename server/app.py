@@ -104,7 +104,7 @@ def create_app(config: Config, engine: EnginePort, *, close_engine: bool = False
         lifespan=[lifespan],
         logging_config=None,
     )
-    return Observed(app, metrics, drain)
+    return Observed(app, metrics, drain, config.server.max_header_bytes)
 
 
 async def _clean_forever(store: ImageStore, interval_s: float) -> None:

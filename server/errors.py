@@ -68,6 +68,14 @@ class ImageNotFoundError(ApiError):
     """The hosted image never existed or has expired."""
 
 
+class HeadTooLargeError(ApiError):
+    """The request line and headers are longer than server.max_header_bytes (server/http_limits.py)."""
+
+
+class InvalidHTTPError(ApiError):
+    """The request is not HTTP/1.1 the parser can read (refused before any route)."""
+
+
 class AuthenticationError(ApiError):
     """Missing or wrong API key."""
 
@@ -94,6 +102,8 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     InvalidRequestError: ErrorSpec(400, "invalid_request_error", "invalid_value", retry=False),
     ValidationException: ErrorSpec(400, "invalid_request_error", "invalid_type", retry=False),
     ClientException: ErrorSpec(400, "invalid_request_error", "invalid_request", retry=False),
+    InvalidHTTPError: ErrorSpec(400, "invalid_request_error", "invalid_request", retry=False),
+    HeadTooLargeError: ErrorSpec(431, "invalid_request_error", "request_header_too_large", retry=False),
     AuthenticationError: ErrorSpec(401, "invalid_request_error", "invalid_api_key", retry=False),
     NotAuthorizedException: ErrorSpec(401, "invalid_request_error", "invalid_api_key", retry=False),
     ModelNotFoundError: ErrorSpec(404, "invalid_request_error", "model_not_found", retry=False),
@@ -158,7 +168,8 @@ def describe(exc: BaseException, request_id: str, request_line: str = "") -> tup
     return ErrorBody(message=message, type=spec.type, param=param, code=spec.code), spec
 
 
-def error_response(exc: BaseException, request_id: str, retry_after_s: int, request_line: str = "") -> Response:
+def error_parts(exc: BaseException, request_id: str, retry_after_s: int, request_line: str = "") -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, JSON body) of the answer to `exc`, for any layer that answers errors."""
     body, spec = describe(exc, request_id, request_line)
     if spec.status >= 500 and spec.code is None:
         log.error("unhandled error (request id %s)", request_id, exc_info=exc)
@@ -171,12 +182,12 @@ def error_response(exc: BaseException, request_id: str, retry_after_s: int, requ
         headers["retry-after"] = str(retry_after_s)
     if isinstance(exc, MethodNotAllowedException) and exc.headers:
         headers.update(exc.headers)
-    return Response(
-        msgspec.json.encode(ErrorResponse(error=body)),
-        status_code=spec.status,
-        media_type="application/json",
-        headers=headers,
-    )
+    return spec.status, headers, msgspec.json.encode(ErrorResponse(error=body))
+
+
+def error_response(exc: BaseException, request_id: str, retry_after_s: int, request_line: str = "") -> Response:
+    status, headers, content = error_parts(exc, request_id, retry_after_s, request_line)
+    return Response(content, status_code=status, media_type="application/json", headers=headers)
 
 
 def error_event(exc: BaseException, request_id: str) -> bytes:

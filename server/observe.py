@@ -1,4 +1,5 @@
-"""Outermost ASGI layer: a request id on every request, one structured access log line, HTTP metrics.
+"""Outermost ASGI layer: a request id on every request, one structured access log line, HTTP metrics,
+and the request head's size limit (server/http_limits.py).
 
 It wraps the whole Litestar app so that it also sees requests that never reach a route (404, 405).
 A client-sent `x-request-id` of up to 64 safe characters is kept; otherwise one is made. The id is
@@ -12,7 +13,8 @@ import re
 import secrets
 import time
 
-from server.errors import REQUEST_ID_KEY
+from server.errors import REQUEST_ID_KEY, error_parts
+from server.http_limits import head_bytes, head_too_large, largest_header
 from server.metrics import Metrics
 from server.shutdown import OPEN_WHILE_DRAINING, Drain
 
@@ -21,8 +23,9 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
 
 class Observed:
-    def __init__(self, app, metrics: Metrics, drain: Drain):
+    def __init__(self, app, metrics: Metrics, drain: Drain, max_header_bytes: int | None = None):
         self.app, self.metrics, self.drain = app, metrics, drain
+        self.max_header_bytes = max_header_bytes  # None: not checked here
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -53,7 +56,11 @@ class Observed:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            size = head_bytes(scope) if self.max_header_bytes else 0
+            if size > self.max_header_bytes:
+                await _answer(send_with_id, head_too_large(size, self.max_header_bytes, _largest(scope)), request_id)
+            else:
+                await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
             route = scope.get("path_template") or "unmatched"
@@ -78,3 +85,15 @@ def _redacted(path: str) -> str:
     if path.startswith("/v1/images/files/"):
         return "/v1/images/files/<id>"
     return path.encode("unicode_escape").decode("ascii").replace(" ", "\\x20")
+
+
+def _largest(scope) -> tuple[str, int] | None:
+    return largest_header([(k, len(k) + len(v) + 4) for k, v in scope.get("headers", ())])
+
+
+async def _answer(send, exc: BaseException, request_id: str) -> None:
+    """An error answered here, before the app (which never sees the request)."""
+    status, headers, body = error_parts(exc, request_id, retry_after_s=0)
+    raw = [(b"content-type", b"application/json"), *((k.encode(), v.encode()) for k, v in headers.items())]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

@@ -191,14 +191,23 @@ def serve_process(package: Path, base: Path, **limits) -> LiveServer:
 
 
 def thread_server(
-    package: Path, worker: str, images: Path, server: dict | None = None, images_options: dict | None = None, **limits
+    package: Path,
+    worker: str,
+    images: Path,
+    server: dict | None = None,
+    images_options: dict | None = None,
+    uvicorn_options: dict | None = None,
+    **limits,
 ) -> LiveServer:
-    """Another front end (uvicorn in a thread of this process) on `worker`, with other settings."""
+    """Another front end (uvicorn in a thread of this process) on `worker`, with other settings.
+    uvicorn runs with the options `kiln serve` gives it (server/http_limits.py), updated by
+    `uvicorn_options`."""
     import asyncio
 
     import uvicorn
 
     from engine.client.pool import WorkerPool
+    from server import http_limits
     from server.app import create_app
     from server.config import parse_config
 
@@ -216,7 +225,8 @@ def thread_server(
     config = parse_config(raw, env={})
     pool = WorkerPool([worker], token=WORKER_TOKEN, probe_interval=0.2, probe_timeout=0.5)
     app = create_app(config, pool, close_engine=True)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    options = {**http_limits.uvicorn_options(config.server.max_header_bytes), **(uvicorn_options or {})}
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, **options))
     thread = threading.Thread(target=lambda: asyncio.run(uv.serve()), daemon=True)
     thread.start()
     end = time.monotonic() + 30
