@@ -5,6 +5,7 @@ environment, never on a command line), and a front end configured with a wrong t
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,37 +15,52 @@ import httpx
 import pytest
 
 from engine.worker import inference_pb2 as pb
-from tests._server import API_KEY, MODEL, free_port, serve_process
+from tests._server import API_KEY, MODEL, free_port
 from tests._workers import V2, start_workers, wait_for
 
 TOKEN = "front-token-0123456789abcdef"
 WRONG = "wrong-token-0123456789abcdef"
 
 
-def test_kiln_serve_gives_its_local_workers_a_token_they_require(tiny_package, tmp_path, monkeypatch):
-    monkeypatch.delenv("KILN_WORKER_TOKEN", raising=False)  # none configured: one is generated
-    live = serve_process(tiny_package("sd1"), tmp_path)
-    try:
-        (pid,) = live.worker_pids()
-        environ = dict(
-            entry.split(b"=", 1) for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in entry
-        )
-        token = environ[b"KILN_WORKER_TOKEN"]
-        assert len(token) >= 16
-        assert token not in Path(f"/proc/{pid}/cmdline").read_bytes()
-        assert token.decode() not in live.log.read_text()
+def serve(base: Path, config: str) -> tuple[subprocess.Popen, Path]:
+    """`kiln serve --config` with `config`, without KILN_WORKER_TOKEN in its environment."""
+    (base / "kiln.toml").write_text(config)
+    log = base / "server.log"
+    env = {k: v for k, v in os.environ.items() if k != "KILN_WORKER_TOKEN"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--config", str(base / "kiln.toml")],
+                                env={**env, "KILN_API_KEYS": API_KEY, "PYTHONUNBUFFERED": "1"},
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    return proc, log
 
-        v2 = V2(live.worker)
-        with pytest.raises(grpc.RpcError) as refused:
-            v2.ServerReady(pb.ServerReadyRequest(), timeout=10)
-        v2.close()
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-        with live.client() as c:
-            r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "a"}]})
-        assert r.status_code == 200, r.text
-    finally:
-        live.stop()
+def wait_serving(proc: subprocess.Popen, log: Path) -> None:
+    """Until the banner is printed (the front end listens; /ready may say no worker is ready)."""
+    assert wait_for(lambda: "Kiln is serving" in log.read_text() or proc.poll() is not None, 180), log.read_text()
+    assert proc.poll() is None, log.read_text()
+
+
+def local_config(package: Path, port: int, images: Path) -> str:
+    return f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+
+[[models]]
+name = "{MODEL}"
+package = "{package}"
+default_size = "64x64"
+default_steps = 2
+
+[workers]
+local = 1
+threads = 1
+max_batch = 1
+warmup_sizes = ["64x64"]
+
+[images]
+dir = "{images}"
+"""
 
 
 def remote_config(package: Path, port: int, worker: str, images: Path, token: str) -> str:
@@ -69,21 +85,44 @@ dir = "{images}"
 """
 
 
+def test_kiln_serve_gives_its_local_workers_a_generated_token_they_require(tiny_package, tmp_path):
+    port = free_port()
+    proc, log = serve(tmp_path, local_config(tiny_package("sd1"), port, tmp_path / "images"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_serving(proc, log)
+        (pid,) = (int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())
+        environ = dict(
+            entry.split(b"=", 1) for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in entry
+        )
+        token = environ[b"KILN_WORKER_TOKEN"]  # none configured: generated at this start
+        assert len(token) >= 16
+        assert token not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+        (worker,) = re.findall(r"local worker\(s\) ready: (\S+)", log.read_text())
+        v2 = V2(worker)
+        with pytest.raises(grpc.RpcError) as refused:
+            v2.ServerReady(pb.ServerReadyRequest(), timeout=10)
+        v2.close()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "a"}]}
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert token.decode() not in log.read_text()
+
+
 def test_a_wrong_worker_token_is_a_503_that_says_so_logged_once(tiny_package, tmp_path):
     workers = start_workers(tiny_package("sd1"), token=TOKEN)
     (worker,) = workers.addresses
     port = free_port()
-    config = tmp_path / "kiln.toml"
-    config.write_text(remote_config(tiny_package("sd1"), port, worker, tmp_path / "images", WRONG))
-    log = tmp_path / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "KILN_WORKER_TOKEN"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--config", str(config)],
-                                env={**env, "KILN_API_KEYS": API_KEY, "PYTHONUNBUFFERED": "1"},
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    proc, log = serve(tmp_path, remote_config(tiny_package("sd1"), port, worker, tmp_path / "images", WRONG))
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_for(lambda: "Kiln is serving" in log.read_text() or proc.poll() is not None, 120), log.read_text()
+        wait_serving(proc, log)
         body = {"model": MODEL, "messages": [{"role": "user", "content": "a"}]}
         headers = {"Authorization": f"Bearer {API_KEY}"}
         for _ in range(2):
