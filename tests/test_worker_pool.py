@@ -14,11 +14,24 @@ from engine.errors import InvalidRequestError, ModelNotFoundError, WorkerUnavail
 from tests._workers import FAST, TOLERANCE, arun, max_diff, metrics, start_workers, wait_for
 
 
+def two_workers(package, log_dir):
+    # restart=False: the kill test restarts the worker itself, to test the pool alone
+    # (tests/test_worker_supervision.py tests LocalWorkers' own restarts)
+    return start_workers(package, count=2, log_dir=log_dir, restart=False)
+
+
 @pytest.fixture(scope="module")
 def workers(tiny_package, tmp_path_factory):
-    # restart=False: these tests kill and restart workers themselves, to test the pool alone
-    # (tests/test_worker_supervision.py tests LocalWorkers' own restarts)
-    workers = start_workers(tiny_package("sd1"), count=2, log_dir=tmp_path_factory.mktemp("logs"), restart=False)
+    """Two workers shared by the tests that leave them as they found them."""
+    workers = two_workers(tiny_package("sd1"), tmp_path_factory.mktemp("logs"))
+    yield workers
+    workers.stop()
+
+
+@pytest.fixture
+def own_workers(tiny_package, tmp_path):
+    """Two workers for one test that kills one of them, so no other test meets a dead worker."""
+    workers = two_workers(tiny_package("sd1"), tmp_path / "logs")
     yield workers
     workers.stop()
 
@@ -90,7 +103,8 @@ def test_no_reachable_worker_raises_unavailable_at_once():
     assert took < 5 and not up
 
 
-def test_kill_9_mid_batch_retries_on_the_other_worker_and_brings_it_back(workers, tiny_package, tmp_path):
+def test_kill_9_mid_batch_retries_on_the_other_worker_and_brings_it_back(own_workers, tiny_package):
+    workers = own_workers
     victim, survivor = workers.addresses
     batch = [params(seed, steps=40, size=128) for seed in range(10, 16)]
 
@@ -108,10 +122,12 @@ def test_kill_9_mid_batch_retries_on_the_other_worker_and_brings_it_back(workers
             # A worker on the dead one's port is taken back once it is ready.
             port = int(victim.rsplit(":", 1)[1])
             restarted = LocalWorkers([tiny_package("sd1")], ports=[port], **FAST)
-            await restarted.astart(120)
-            back = await asyncio.to_thread(wait_for, lambda: pool.status()[0].up, 20)
-            routed = await asyncio.gather(*(pool.generate(params(seed), timeout=60) for seed in range(4)))
-            await restarted.astop()
+            try:
+                await restarted.astart(120)
+                back = await asyncio.to_thread(wait_for, lambda: pool.status()[0].up, 20)
+                routed = await asyncio.gather(*(pool.generate(params(seed), timeout=60) for seed in range(4)))
+            finally:
+                await restarted.astop()
             return results, down, again, back, routed
 
     results, down, again, back, routed = arun(run())
