@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +38,7 @@ from engine.request import MAX_N, MAX_STEPS, ImageRequest, ModelLimits, default_
 from engine.samplers import SAMPLERS, get_sampler
 from engine.samplers.base import Sampler, SamplerPlan
 from engine.schedules import NoiseSchedule
+from engine.session_cache import CacheStats, Key, SessionCache
 from engine.sessions import ComponentSessions, RuntimeOptions, check_provider
 from engine.shapes import fit_size, latent_shape, parse_size, render_size
 from engine.tokenizer import PromptTokenizer
@@ -135,6 +137,9 @@ class Pipeline:
         self.package = Path(package)
         self.manifest: Manifest = read_manifest(self.package)
         self.options = options or RuntimeOptions()
+        # Builds the sessions of new sizes off the scheduler thread (`session_keys`). One thread:
+        # a build is mostly single-threaded graph work, and more would take cores from the steps.
+        self.builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-session-build")
         self.providers = self._providers()
         self.max_steps = max_steps
         m = self.manifest
@@ -160,7 +165,9 @@ class Pipeline:
 
     def _component(self, name: str) -> ComponentSessions:
         """What runs one component: anything with `run(feeds, fixed_dims) -> outputs` and `output_names`."""
-        return ComponentSessions(self.package, name, self.manifest.components[name], self.providers, self.options)
+        return ComponentSessions(
+            self.package, name, self.manifest.components[name], self.providers, self.options, builder=self.builder
+        )
 
     def _conditioning(self, samples: list[Sample], picks: list[list[int]]) -> dict[str, np.ndarray]:
         """The UNet's conditioning rows for one step: each sample's embeddings at its picks, stacked."""
@@ -241,7 +248,9 @@ class Pipeline:
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
             ids = tokenizer(texts)  # (2n, L) int64
-            outputs = dict(zip(encoder.output_names, encoder.run({"input_ids": ids}, {"batch_size": len(texts)})))
+            # Dynamic batch: one session serves every admission's count of prompts. Fixed per
+            # count, a new count would build a session on the scheduler thread mid-admission.
+            outputs = dict(zip(encoder.output_names, encoder.run({"input_ids": ids})))
             if self.is_xl:
                 # SDXL conditions on the penultimate layer of both encoders (hidden_states[-2])
                 layers = sorted(k for k in outputs if k.startswith("hidden_states."))
@@ -339,19 +348,64 @@ class Pipeline:
                 f"{self.package} has no VAE encoder, so it cannot edit images; re-export it with this Kiln", param="image"
             )
         feeds = {"sample": pixels.astype(np.float32)}
-        (parameters,) = self.vae_encoder.run(feeds, self._dims("vae_encoder", feeds))
+        (parameters,) = self.vae_encoder.run(feeds, self._dims("vae_encoder", {"sample": pixels.shape}))
         return parameters
 
-    def _dims(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, int]:
-        """The values of a component's named spatial axes for these feeds: the key of its session
-        per size (batch stays dynamic, as for the other components, so batch sizes share one)."""
+    def _dims(self, component: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+        """The values of a component's named spatial axes for inputs of these shapes: the key of
+        its session per size (batch stays dynamic, as for the other components, so batch sizes share one)."""
         dims = {}
         for spec in self.manifest.components[component].inputs:
-            if spec.name in feeds:
+            if spec.name in shapes:
                 for axis, dim in enumerate(spec.shape):
                     if isinstance(dim, str) and "batch" not in dim:
-                        dims[dim] = int(feeds[spec.name].shape[axis])
+                        dims[dim] = int(shapes[spec.name][axis])
         return dims
+
+    @staticmethod
+    def _unet_dims(shape: tuple[int, ...]) -> dict[str, int]:
+        """The UNet's session key for latents of `shape` (C, h, w)."""
+        return {"height": shape[1], "width": shape[2]}
+
+    @staticmethod
+    def _vae_dims(shape: tuple[int, ...]) -> dict[str, int]:
+        """The VAE decoder's session key for latents of `shape` (C, h, w)."""
+        return {"latent_height": shape[1], "latent_width": shape[2]}
+
+    # ---- the sessions a size needs (a worker builds them off its scheduler thread) --------
+
+    def session_keys(self, req: ImageRequest) -> list[tuple[SessionCache, Key]]:
+        """The cached sessions a resolved request will run on at its drawn size: what a worker
+        builds in the background before admitting it, and holds while it runs. Empty where
+        nothing is built per size (the other runtimes) or `background_builds` is off."""
+        if not self.options.background_builds:
+            return []
+        width, height = render_size(req.width, req.height, self.manifest.sizes)
+        return self._size_keys(width, height, encoder=req.is_edit or self.inpainting_unet)
+
+    def _size_keys(self, width: int, height: int, encoder: bool) -> list[tuple[SessionCache, Key]]:
+        """(cache, key) of the UNet and VAE decoder (and with `encoder` the VAE encoder: edits,
+        and a 9-channel UNet's blank context) for images drawn at width x height."""
+        m = self.manifest
+        shape = latent_shape(width, height, m.latent_channels, m.vae_scale_factor)
+        calls = [(self.unet, self._unet_dims(shape)), (self.vae, self._vae_dims(shape))]
+        if encoder and self.vae_encoder is not None:
+            calls.append((self.vae_encoder, self._dims("vae_encoder", {"sample": (1, 3, height, width)})))
+        return [(c.cache, c.key(dims)) for c, dims in calls if isinstance(c, ComponentSessions)]
+
+    def pin_size(self, width: int, height: int) -> None:
+        """Keep the sessions of width x height requests, and the text encoders', for good (a
+        worker's warm-up sizes): built now if missing, never evicted, not counted in the bound."""
+        for encoder in self.text_encoders:
+            if isinstance(encoder, ComponentSessions):
+                encoder.cache.pin(encoder.key())
+        for cache, key in self._size_keys(*render_size(width, height, self.manifest.sizes), encoder=True):
+            cache.pin(key)
+
+    def session_stats(self) -> dict[str, CacheStats]:
+        """Per component with a session cache: what it holds and has built and evicted."""
+        components = {c.name: c for c in (*self.text_encoders, self.unet, self.vae, self.vae_encoder) if c is not None}
+        return {name: c.stats() for name, c in components.items() if isinstance(c, ComponentSessions)}
 
     def _scale_latents(self, sample: np.ndarray) -> np.ndarray:
         """A VAE sample (C, h, w) -> the UNet's latent scale (SDXL-family VAEs may normalise per channel)."""
@@ -429,7 +483,7 @@ class Pipeline:
             "timestep": np.asarray(rows_t, dtype=np.float32),  # (R,)
             **self._conditioning(samples, picks),
         }
-        (out,) = self.unet.run(feeds, {"height": shape[1], "width": shape[2]})  # (R, C, h, w)
+        (out,) = self.unet.run(feeds, self._unet_dims(shape))  # (R, C, h, w)
         for s, (start, count) in zip(samples, slices):
             if count == 2:
                 guided = apply_guidance(out[start], out[start + 1], s.guidance_scale, s.guidance_rescale)
@@ -460,8 +514,7 @@ class Pipeline:
         if not samples:
             return []
         latents = self._unscale_latents(np.stack([s.x for s in samples]))
-        h, w = latents.shape[2:]
-        (images,) = self.vae.run({"latent_sample": latents.astype(np.float32)}, {"latent_height": h, "latent_width": w})
+        (images,) = self.vae.run({"latent_sample": latents.astype(np.float32)}, self._vae_dims(latents.shape[1:]))
         results: list[np.ndarray | KilnError] = []
         for s, image in zip(samples, images):  # image: (3, H, W) in [-1, 1]
             if not (np.isfinite(s.x).all() and np.isfinite(image).all()):

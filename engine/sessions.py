@@ -4,6 +4,8 @@ Fixed shapes let onnxruntime plan memory and pick kernels for one resolution, wh
 CPU than dynamic height/width. Each specialised session would normally read its own copy of the
 weights; instead every component's weights.bin is mapped once and its buffers are handed to each
 session with `SessionOptions.add_initializer`, so N resolutions cost one copy of the weights.
+What each size still costs on its own (graph, kernels, memory plan) is bounded by a
+least-recently-used cache per component (engine/session_cache.py, `RuntimeOptions.max_sessions`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import onnxruntime as ort
 
 from engine.errors import IncompatiblePackageError, PackageError
 from engine.manifest import Component
+from engine.session_cache import CacheStats, Key, SessionCache, key_of
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,20 @@ class GpuOptions:
     gpu_mem_limit_gib: float = 0.0  # 0: no limit for onnxruntime's CUDA arena
 
 
+DEFAULT_MAX_SESSIONS = 4
+MAX_SESSIONS_ENV = "KILN_MAX_SESSIONS"
+
+
+def _max_sessions_from_env() -> int:
+    text = os.environ.get(MAX_SESSIONS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_SESSIONS
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{MAX_SESSIONS_ENV} must be a whole number of sessions (for example 4), got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     threads: int = 0  # 0: onnxruntime's default (one per physical core)
@@ -63,6 +81,22 @@ class RuntimeOptions:
     # AVX512-BF16 or AMX — else fp32), "f32" forces fp32 (closest to diffusers), "bf16" refuses
     # to load on a CPU without it.
     openvino_precision: str = field(default_factory=lambda: os.environ.get("KILN_OPENVINO_PRECISION", "auto"))
+    # Fixed-shape sessions kept per component besides the warm-up sizes (pinned for good), least
+    # recently used evicted first. Each size costs its own graph, kernels and memory plan on top
+    # of the shared weights (SD 1.5: about 250 MB), and sizes are the client's choice. A worker
+    # admits a request of a size not kept only when a slot is free or idle. KILN_MAX_SESSIONS
+    # sets the default. `cpu` packages only: the other runtimes hold one model for every size.
+    max_sessions: int = field(default_factory=_max_sessions_from_env)
+    # A worker builds a new size's sessions on a background thread while the other sizes keep
+    # stepping. False: built on the scheduler thread at the size's first step (to measure what
+    # the background buys).
+    background_builds: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_sessions, bool) or not isinstance(self.max_sessions, int) or self.max_sessions < 1:
+            raise ValueError(
+                f"max_sessions ({MAX_SESSIONS_ENV}) must be at least 1 session per component, got {self.max_sessions!r}"
+            )
 
 
 _arena_lock = threading.Lock()
@@ -133,9 +167,21 @@ class SharedWeights:
 
 
 class ComponentSessions:
-    """One component: a session per fixed-shape key, created on first use, weights shared."""
+    """One component: a session per fixed-shape key, created on first use, weights shared, kept in
+    a bounded cache (`self.cache`: least recently used evicted, warm-up sizes pinned)."""
 
-    def __init__(self, package: Path, name: str, component: Component, providers: list[str], options: RuntimeOptions):
+    def __init__(
+        self,
+        package: Path,
+        name: str,
+        component: Component,
+        providers: list[str],
+        options: RuntimeOptions,
+        builder: Executor | None = None,
+        bounded: bool = True,
+    ):
+        """`builder`: the thread that builds sessions in the background (`cache.start_build`).
+        `bounded=False` keeps every session: for a caller that keeps the sessions it is given."""
         self.name = name
         self.path = package / component.file
         if not self.path.is_file():
@@ -144,20 +190,23 @@ class ComponentSessions:
         self.providers = providers
         self.options = options
         self.weights = SharedWeights(package, component) if options.share_weights else SharedWeights.empty()
-        self._sessions: dict[tuple, ort.InferenceSession] = {}
-        self._lock = threading.Lock()
+        self.cache: SessionCache[ort.InferenceSession] = SessionCache(
+            name,
+            lambda key: self._create(dict(key)),  # looked up per build, so a test can wrap _create
+            options.max_sessions if bounded else None,
+            builder,
+        )
         self.input_names = [spec.name for spec in component.inputs]
         self.output_names = [spec.name for spec in component.outputs]
 
+    def key(self, fixed_dims: dict[str, int] | None = None) -> Key:
+        """The cache key of a call with these fixed dimensions (() without fixed shapes)."""
+        return key_of(fixed_dims if self.options.fixed_shapes else None)
+
     def session(self, fixed_dims: dict[str, int] | None = None) -> ort.InferenceSession:
-        if not self.options.fixed_shapes:
-            fixed_dims = None
-        key = tuple(sorted((fixed_dims or {}).items()))
-        with self._lock:
-            sess = self._sessions.get(key)
-            if sess is None:
-                sess = self._create(fixed_dims or {})
-                self._sessions[key] = sess
+        """The session for `fixed_dims`, not held: only for a caller that keeps every session it
+        is given (`bounded=False`), since an evicted one stays alive while referenced."""
+        with self.cache.use(self.key(fixed_dims)) as sess:
             return sess
 
     def _create(self, fixed_dims: dict[str, int]) -> ort.InferenceSession:
@@ -189,11 +238,17 @@ class ComponentSessions:
             raise PackageError(f"onnxruntime cannot load {self.path}: {e}") from None
 
     def run(self, feeds: dict[str, np.ndarray], fixed_dims: dict[str, int] | None = None) -> list[np.ndarray]:
-        return self.session(fixed_dims).run(self.output_names, feeds)
+        """Outputs in `output_names` order. The session is held for the call, so it is never
+        evicted under it; a size not cached is built here, on the caller's thread."""
+        with self.cache.use(self.key(fixed_dims)) as sess:
+            return sess.run(self.output_names, feeds)
 
     @property
-    def loaded_shapes(self) -> list[tuple]:
-        return list(self._sessions)
+    def loaded_shapes(self) -> list[Key]:
+        return self.cache.keys()
+
+    def stats(self) -> CacheStats:
+        return self.cache.stats()
 
 
 def default_threads() -> int:

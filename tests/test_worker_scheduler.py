@@ -53,6 +53,12 @@ class RecordingPipeline:
         self.decoded: list[int] = []  # samples per VAE call
         self.after_step = None  # hook(call number), runs in the scheduler thread
 
+    def session_keys(self, request):
+        return []  # nothing built per size: every request is admitted at once
+
+    def session_stats(self):
+        return {}
+
     def prepare(self, requests, tags):
         self.prepared.append(len(requests))
         return [FakeSample(r, (t, k)) for r, t in zip(requests, tags) for k in range(r.n)]

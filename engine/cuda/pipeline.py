@@ -90,7 +90,9 @@ class BoundPipeline(ResidentConditioning):
 
     def _component(self, name: str) -> BoundComponent:
         component = self.manifest.components[name]
-        sessions = ComponentSessions(self.package, name, component, self.providers, self.options)
+        # Unbounded: BoundComponent keeps an IOBinding per session it is given, for good, so an
+        # evicted session would live on in it (and its id could be reused by a new one).
+        sessions = ComponentSessions(self.package, name, component, self.providers, self.options, bounded=False)
         return BoundComponent(name, sessions.session, *_io_names(component), device="cpu")
 
 

@@ -7,18 +7,28 @@ behind a long one and the UNet never idles while work is queued.
 Each iteration of the loop:
   1. drops the samples of cancelled, expired or failed requests (the steps they would still have
      taken are counted in `freed_steps`);
-  2. admits waiting requests, oldest first, into their group (model, latent shape) while the group
-     holds fewer than `max_batch` samples; a request whose group is full waits, and so does every
-     later request of that group (first come, first served within a group), but requests of other
-     groups are not held up behind it. All prompts admitted at one boundary are text-encoded in
-     one `Pipeline.prepare` call per model;
-  3. picks one group round-robin: every group with running samples gets one UNet call per round,
+  2. holds the sessions of the waiting requests whose sizes are built (`Pipeline.session_keys`)
+     and starts building the missing ones on the pipeline's builder thread, while the caches have
+     room (engine/session_cache.py: a bounded number per component, warm-up sizes pinned). A
+     request whose sessions are not ready waits, out of the batch, and the loop goes on stepping
+     the others: a new size never stalls them. A failed build fails only the requests needing it;
+  3. admits waiting requests whose sessions it holds, oldest first, into their group (model,
+     latent shape) while the group holds fewer than `max_batch` samples; a request whose group
+     is full waits, and so does every later request of that group (first come, first served
+     within a group), but requests of other groups are not held up behind it. All prompts
+     admitted at one boundary are text-encoded in one `Pipeline.prepare` call per model;
+  4. picks one group round-robin: every group with running samples gets one UNet call per round,
      and a group that becomes busy joins the round at the back. A group therefore waits at most
      (number of other groups) calls between two of its steps: no size starves, whatever the mix;
-  4. advances up to `max_batch` of that group's samples, oldest first, by one step with one UNet
+  5. advances up to `max_batch` of that group's samples, oldest first, by one step with one UNet
      call (each sample at its own step, sampler and guidance: `Pipeline.denoise_step`);
-  5. decodes the samples that just finished, in one VAE call, and hands their pixels to a thread
+  6. decodes the samples that just finished, in one VAE call, and hands their pixels to a thread
      pool that encodes the PNGs, so encoding never holds up the next step.
+
+A request holds its sessions from when they are ready until its last sample is decoded (or it
+fails), so none of them is evicted while it runs. When an iteration has nothing to do (every
+waiting request waits for a build), the loop sleeps until a build ends, a request arrives or
+is cancelled, or the nearest waiting deadline.
 
 With `batching=False` the loop admits one request at a time and admits the next only when it has
 finished: the baseline the benchmark compares against.
@@ -34,7 +44,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -52,6 +62,7 @@ from engine.errors import (
 )
 from engine.pipeline import Pipeline, Sample
 from engine.request import ImageRequest, steps_run
+from engine.session_cache import Key, Lease, describe
 from engine.shapes import latent_shape, render_size
 from engine.worker import faults
 from engine.worker.images import encode_png, latent_preview_jpeg
@@ -92,7 +103,14 @@ COUNTERS = (
     "sample_steps",  # samples advanced by one step; sample_steps / unet_calls = mean batch
     "vae_calls",
     "freed_steps",  # sample-steps not run because their request was cancelled, expired or failed
+    "requests_waited_for_sessions",  # waited out of the batch while their size's sessions were built
 )
+# Summed over every pipeline's session caches (engine/session_cache.py CacheStats).
+SESSION_COUNTERS = {"builds": "session_builds", "build_failures": "session_build_failures", "evictions": "session_evictions"}
+SESSION_GAUGES = {"cached": "sessions_cached", "pinned": "sessions_pinned", "building": "sessions_building"}
+# The longest the loop sleeps with requests waiting and nothing to run: a safety net, since every
+# event that can make a waiting request admissible wakes it (a build ending, a release, a submit).
+IDLE_WAIT_S = 1.0
 
 
 class Job:
@@ -129,6 +147,27 @@ class Job:
         self._left = self.n
         self._lock = threading.Lock()
         self.samples_left = 0  # loop thread only: samples admitted and not yet decoded or dropped
+        # The sessions it runs on: None until they are built and held, then held until its last
+        # sample is decoded or it fails (`release_sessions`).
+        self.leases: list[Lease] | None = None
+        self.builds: dict[tuple[str, Key], Future] = {}  # loop thread only: the builds it waits for
+        self.waited_for_sessions = False
+
+    def hold_sessions(self, leases: list[Lease]) -> None:
+        """Keep `leases` until `release_sessions`; released at once if the job has finished."""
+        with self._lock:
+            if not self.finished:
+                self.leases = leases
+                return
+        for lease in leases:
+            lease.release()
+
+    def release_sessions(self) -> None:
+        """Let its sessions be evicted again (from any thread, any number of times)."""
+        with self._lock:
+            leases, self.leases = self.leases or [], []
+        for lease in leases:
+            lease.release()
 
     def stop_reason(self, now: float) -> str | None:
         if self.finished:
@@ -195,6 +234,7 @@ class Scheduler:
         self._live: set[Job] = set()  # submitted and not finished, under _cv
         self._accepting = True
         self._stopping = False
+        self._events = 0  # under _cv: bumped by whatever can make a waiting request admissible
         # The running set, touched by the loop thread only.
         self._groups: dict[GroupKey, list[Sample]] = {}
         self._order: deque[GroupKey] = deque()
@@ -229,14 +269,14 @@ class Scheduler:
             self._waiting_images += job.n
             self._live.add(job)
             self._count("requests_received")
+            self._events += 1
             self._cv.notify_all()
 
     def cancel(self, job: Job, expired: bool = False) -> None:
         """Drop a job's work at the next step boundary (the caller went away or its deadline passed)."""
         if job.cancel_reason is None and not job.finished:
             job.cancel_reason = "expired" if expired else "cancelled"
-        with self._cv:
-            self._cv.notify_all()
+        self._wake()
 
     def stop_accepting(self) -> None:
         with self._cv:
@@ -267,7 +307,16 @@ class Scheduler:
                 "max_batch": float(self.max_batch),
                 "max_queue": float(self.max_queue),
                 "batching": float(self.batching),
+                "requests_waiting_for_sessions": float(sum(1 for job in self._waiting if job.builds)),
             }
+        counters.update({name: 0 for name in SESSION_COUNTERS.values()})
+        gauges.update({name: 0.0 for name in SESSION_GAUGES.values()})
+        for pipe in self.pipelines.values():
+            for stats in pipe.session_stats().values():
+                for field, name in SESSION_COUNTERS.items():
+                    counters[name] += getattr(stats, field)
+                for field, name in SESSION_GAUGES.items():
+                    gauges[name] += getattr(stats, field)
         calls = counters.get("unet_calls", 0)
         gauges["mean_batch"] = counters.get("sample_steps", 0) / calls if calls else 0.0
         return counters, gauges
@@ -276,7 +325,8 @@ class Scheduler:
 
     def warm_up(self, model: str, width: int, height: int, batch: int) -> None:
         """One guided step, one decode and one VAE encoding at `batch` x `width`x`height`: creates the sessions and
-        sizes the memory arenas before the worker says it is ready. Raises what the engine raised."""
+        sizes the memory arenas before the worker says it is ready, and pins the sessions (never
+        evicted, not counted against `max_sessions`). Raises what the engine raised."""
         pipe = self.pipelines[model]
         req = ImageRequest(prompt="warm-up", width=width, height=height, seed=0, n=batch, steps=2, guidance_scale=7.5)
         samples = pipe.prepare([req])
@@ -285,6 +335,7 @@ class Scheduler:
         if pipe.vae_encoder is not None:  # the first edit at this size must not build its session
             draw_w, draw_h = render_size(width, height, pipe.manifest.sizes)
             pipe.vae_encode(np.zeros((1, 3, draw_h, draw_w), np.float32))
+        pipe.pin_size(width, height)
         encode_png(np.zeros((height, width, 3), dtype=np.uint8))
 
     def start(self) -> None:
@@ -308,11 +359,19 @@ class Scheduler:
             self._counts[name] += k
 
     def _finished(self, job: Job, error: BaseException | None) -> None:
+        job.release_sessions()
         self._count("requests_failed" if error else "requests_completed")
         if error is None:
             self._count("images_completed", job.n)
         with self._cv:
             self._live.discard(job)
+            self._events += 1
+            self._cv.notify_all()
+
+    def _wake(self, _build: Future | None = None) -> None:
+        """Something a waiting request may be waiting for happened (from any thread)."""
+        with self._cv:
+            self._events += 1
             self._cv.notify_all()
 
     def _loop(self) -> None:
@@ -322,8 +381,9 @@ class Scheduler:
                     self._cv.wait()
                 if self._stopping:
                     return
+                seen = self._events
             try:
-                self._iteration()
+                busy = self._iteration()
             except Exception as e:  # a bug here must fail the requests, never leave them hanging
                 log.exception("scheduler iteration failed: failing the requests it was running")
                 error = EngineError(f"the worker's scheduler failed: {e}")
@@ -334,19 +394,96 @@ class Scheduler:
                 self._running_jobs.clear()
                 self._groups.clear()
                 self._order.clear()
+                continue
+            if not busy:  # every waiting request waits for its sessions: sleep until that changes
+                with self._cv:
+                    self._cv.wait_for(lambda: self._stopping or self._events != seen, self._idle_wait())
 
-    def _iteration(self) -> None:
+    def _idle_wait(self) -> float:
+        """Seconds until the nearest deadline of a waiting request, at most IDLE_WAIT_S (under _cv)."""
+        deadlines = [job.deadline for job in self._waiting if job.deadline is not None]
+        return max(0.0, min([IDLE_WAIT_S, *(d - time.monotonic() for d in deadlines)]))
+
+    def _iteration(self) -> bool:
+        """One step boundary; False when it did nothing at all (no drop, admission or step)."""
         with self._cv:
             dropped = self._drop_waiting()
-            admitted = self._take_admissible()
+            waiting = list(self._waiting)
         self._end(dropped)
-        self._end(self._drop_running())
+        stopped = self._drop_running()
+        self._end(stopped)
+        failed = self._claim_sessions(waiting)
+        with self._cv:
+            for job, _ in failed:
+                self._waiting.remove(job)
+                self._waiting_images -= job.n
+            admitted = self._take_admissible()
+        for job, error in failed:
+            job.fail(error)
         if admitted:
             self._admit(admitted)
         key = self._next_group()
         if key is not None:
             self._step(key)
         self._running_images = sum(len(samples) for samples in self._groups.values())
+        return bool(dropped or stopped or failed or admitted or key is not None)
+
+    # ---- sessions of new sizes ------------------------------------------------------------
+
+    def _claim_sessions(self, waiting: list[Job]) -> list[tuple[Job, BaseException]]:
+        """Hold the sessions of the waiting requests whose sizes are built, and start the builds
+        of the oldest request still missing some, when the caches have room. Returns the requests
+        whose build failed, with the error (they fail; nothing else does).
+
+        Only the oldest waiting request builds: with two building, one's finished session is idle
+        until its other components are built too, and the other's build could evict it to make
+        room (and so on, back and forth, with a small `max_sessions`)."""
+        failed = []
+        may_build = True
+        for job in waiting:
+            if job.leases is None and not job.finished:
+                error = self._claim(job, may_build)
+                if error is not None:
+                    failed.append((job, error))
+                elif job.leases is None:
+                    may_build = False
+        return failed
+
+    def _claim(self, job: Job, may_build: bool) -> BaseException | None:
+        """Hold every session `job` needs, or none: a request holding some while it waits for
+        others could keep another request from the room its own build needs, and both would wait."""
+        leases: list[Lease] = []
+        ready = True
+        for cache, key in self.pipelines[job.model].session_keys(job.request):
+            lease = cache.hold(key)
+            if lease is not None:
+                leases.append(lease)
+                continue
+            ready = False
+            slot = (cache.name, key)
+            build = job.builds.get(slot)
+            if build is not None and build.done():
+                del job.builds[slot]
+                if build.exception() is not None:
+                    for lease in leases:
+                        lease.release()
+                    return build.exception()
+                build = None  # built, then evicted before this request held it: build it again
+            if build is None and may_build:
+                build = cache.start_build(key, on_done=self._wake)  # None: no room until a request ends
+                if build is not None:
+                    job.builds[slot] = build
+                    if not job.waited_for_sessions:
+                        job.waited_for_sessions = True
+                        self._count("requests_waited_for_sessions")
+                        log.info("request %d waits for the %s session for %s", job.id, cache.name, describe(key))
+        if not ready:
+            for lease in leases:
+                lease.release()
+            return None
+        job.builds.clear()
+        job.hold_sessions(leases)
+        return None
 
     def _end(self, stopped: list[tuple[Job, str]]) -> None:
         """Tell the callers of dropped jobs why (outside the lock: sinks may take their own)."""
@@ -397,7 +534,7 @@ class Scheduler:
         if not self._waiting:
             return []
         if not self.batching:
-            if self._running_jobs:
+            if self._running_jobs or self._waiting[0].leases is None:
                 return []
             taken = [self._waiting.popleft()]
         else:
@@ -405,7 +542,7 @@ class Scheduler:
             blocked: set[GroupKey] = set()
             taken = []
             for job in self._waiting:
-                if job.key in blocked:
+                if job.key in blocked or job.leases is None:  # a size being built waits; others go on
                     continue
                 held = counts.get(job.key, 0)
                 if held == 0 or held + job.n <= self.max_batch:
@@ -504,6 +641,7 @@ class Scheduler:
             job.samples_left -= 1
             if job.samples_left == 0:
                 self._running_jobs.discard(job)
+                job.release_sessions()  # decoded: its sizes may be evicted while its PNGs are encoded
             if isinstance(result, BaseException):
                 job.fail(result)  # its other samples are dropped (and counted) at the next boundary
             else:
