@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import threading
-import time
 from typing import Callable
 
 import grpc
@@ -144,12 +145,7 @@ def test_scraping_ready_and_metrics_never_marks_a_worker_down(draining, tiny_pac
 
 def test_health_is_not_serving_before_the_worker_is_ready(tiny_package, tmp_path):
     """Live and loading: NOT_SERVING until the warm-up is done (long warm-up sizes to watch it)."""
-    import subprocess
-    import sys
-
-    from tests._server import free_port as port_of
-
-    port, ready_file = port_of(), tmp_path / "ready"
+    port, ready_file = free_port(), tmp_path / "ready"
     proc = subprocess.Popen(
         [sys.executable, "-m", "kiln.cli", "worker", "--package", str(tiny_package("sd1")), "--threads", "1",
          "--listen", f"127.0.0.1:{port}", "--max-batch", "2", "--warmup-size", "256x256,384x384,448x448,512x512",
@@ -157,16 +153,22 @@ def test_health_is_not_serving_before_the_worker_is_ready(tiny_package, tmp_path
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     seen: list[int] = []
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    def watch() -> bool:
+        """Records each answer until the worker is ready (or gone)."""
+        try:
+            seen.append(stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status)
+        except grpc.RpcError:
+            pass  # not listening yet
+        return ready_file.exists() or proc.poll() is not None
+
     try:
-        end = time.monotonic() + 60
-        while not ready_file.exists() and proc.poll() is None and time.monotonic() < end:
-            try:
-                seen.append(health(f"127.0.0.1:{port}"))
-            except grpc.RpcError:
-                pass  # not listening yet
-        assert ready_file.exists(), "not ready in 60 s"
+        assert wait_for(watch, 60) and ready_file.exists(), "not ready in 60 s"
         assert NOT_SERVING in seen and SERVING not in seen[: seen.index(NOT_SERVING)]
         assert health(f"127.0.0.1:{port}") == SERVING
     finally:
+        channel.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -5,6 +5,8 @@ requires a client certificate that CA signed (mutual TLS). The CA is made in the
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -84,9 +86,6 @@ def test_mutual_tls_serves_a_client_with_a_certificate_of_its_ca(mutual, ca):
 
 
 def test_a_missing_certificate_file_is_a_start_up_error_naming_the_flag(tiny_package, ca, tmp_path):
-    import subprocess
-    import sys
-
     done = subprocess.run(
         [sys.executable, "-m", "kiln.cli", "worker", "--package", str(tiny_package("sd1")),
          "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(ca.server_key)],
