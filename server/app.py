@@ -19,7 +19,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 import kiln
-from server import chat, images, models, ops
+from server import chat, images, models, ops, playground
 from server.auth import ApiKeyGuard
 from server.config import Config
 from server.engine_port import EnginePort
@@ -81,6 +81,7 @@ def create_app(config: Config, engine: EnginePort, *, close_engine: bool = False
             ops.health,
             ops.ready,
             ops.metrics,
+            *playground.route_handlers,
         ],
         dependencies={
             "chat": const(chat_service),
