@@ -20,5 +20,6 @@ setup(
         "export.architectures": ["*/*/*.json"],
         "export.assets": ["*/*"],
         "engine.worker": ["*.proto"],
+        "server.playground": ["*.html", "*.js", "*.css", "*.svg"],  # the browser page at / (static files)
     },
 )
