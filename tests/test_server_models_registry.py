@@ -18,7 +18,7 @@ from tests._workers import arun, start_workers
 
 @pytest.fixture(scope="module")
 def two_models(tiny_package, tmp_path_factory):
-    """Worker 0 serves sd1, worker 1 serves sd2v; no restarts (the tests kill worker 1)."""
+    """Worker 0 serves sd1, worker 1 serves sd2v."""
     logs = tmp_path_factory.mktemp("logs")
     first = start_workers(tiny_package("sd1"), log_dir=logs / "sd1", restart=False)
     second = start_workers(tiny_package("sd2v"), log_dir=logs / "sd2v", restart=False)
@@ -77,8 +77,22 @@ def test_the_registry_refreshes_periodically(two_models):
     assert arun(run()).limits.name == "sd1"
 
 
-def test_a_down_workers_models_are_kept_while_it_is_probed(two_models, tiny_package):
+def test_requests_go_only_to_workers_that_serve_their_model(two_models):
     first, second = two_models
+    addresses = [first.addresses[0], second.addresses[0]]
+
+    async def run():
+        async with WorkerPool(addresses) as pool:
+            await ModelRegistry(config_for(addresses), pool).refresh()  # the workers list their models
+            return await asyncio.gather(*(pool.generate(params(seed, model)) for seed in range(4) for model in ("sd1", "sd2v")))
+
+    results = arun(run())
+    assert [r.worker for r in results] == [first.addresses[0], second.addresses[0]] * 4
+
+
+def test_a_down_workers_models_are_kept_while_it_is_probed(two_models, tiny_package, tmp_path):
+    first = two_models[0]
+    second = start_workers(tiny_package("sd2v"), log_dir=tmp_path, restart=False)  # its own: it is killed
     addresses = [first.addresses[0], second.addresses[0]]
 
     async def run():
@@ -87,13 +101,18 @@ def test_a_down_workers_models_are_kept_while_it_is_probed(two_models, tiny_pack
             await registry.refresh()
             second.processes[0].send_signal(signal.SIGKILL)
             second.processes[0].wait()
-            # Two requests at once go one to each worker; the dead one fails over, marked down.
-            await asyncio.gather(*(pool.generate(params(seed), timeout=60) for seed in (1, 2)))
+            # Its model's request finds it dead, marks it down, and has nowhere else to go: a 503,
+            # not the sd1 worker's 404.
+            with pytest.raises(WorkerUnavailableError, match="sd2v"):
+                await pool.generate(params(3, "sd2v"), timeout=60)
             down = [s.address for s in pool.status() if not s.up]
             await registry.refresh()
             kept = await registry.resolve("sd2v")
             return down, kept
 
-    down, kept = arun(run())
+    try:
+        down, kept = arun(run())
+    finally:
+        second.stop()
     assert down == [second.addresses[0]]
     assert kept.limits.name == "sd2v"

@@ -4,9 +4,12 @@
     result = await pool.generate(ImageRequest(model="kiln-shapes", prompt="...", width=256,
                                               height=256, seed=1), timeout=60)
 
-Routing: each request goes to the worker, among those up, with the least outstanding work (the
-sum over its requests in flight from this pool of n x steps x pixels / 512^2), ties broken
-round-robin.
+Routing: each request goes to the worker, among those up that serve its model, with the least
+outstanding work (the sum over its requests in flight from this pool of n x steps x pixels /
+512^2), ties broken round-robin. What a worker serves is what it last listed (`models()`, which
+the front end's registry calls periodically); a worker that has not listed yet may get any model,
+and one that answers NOT_FOUND is not asked for that model again until it lists again (the
+request moves on to another worker; ModelNotFoundError only when none has it).
 
 Failures: a worker that cannot be reached, dies mid-request (connection reset, UNAVAILABLE) or
 is draining is marked down and the request is retried once on another worker; generation is
@@ -46,7 +49,7 @@ import msgspec
 
 from engine.client.credentials import Endpoint
 from engine.client.types import ImageRequest, GenerationResult, ModelLimits, ProgressCallback
-from engine.errors import DeadlineExceededError, QueueFullError, WorkerAuthError, WorkerUnavailableError
+from engine.errors import DeadlineExceededError, ModelNotFoundError, QueueFullError, WorkerAuthError, WorkerUnavailableError
 from engine.worker import inference_pb2 as pb
 from engine.worker import inference_pb2_grpc as pb_grpc
 from engine.worker import wire
@@ -90,6 +93,9 @@ class _Worker:
         self.address = endpoint.address
         self.metadata = endpoint.metadata  # sent with every call: the worker token
         self.up = True  # optimistic until a call or a probe says otherwise
+        # The models it listed (RepositoryIndex); None until it has: then it may serve any.
+        self.models: frozenset[str] | None = None
+        self.lacks: set[str] = set()  # models it answered NOT_FOUND for since it last listed
         self.refused_token = False  # its last answer was UNAUTHENTICATED (logged once)
         self.outstanding = 0.0
         self.in_flight = 0
@@ -171,15 +177,18 @@ class WorkerPool:
         failovers = 0
         full: QueueFullError | None = None
         refused: WorkerAuthError | None = None
+        missing: ModelNotFoundError | None = None
         while True:
-            worker = await self._pick(tried)
+            worker = await self._pick(tried, params.model)
             if worker is None:
                 if full is not None:
                     raise full
                 if refused is not None:
                     raise refused
+                if missing is not None:
+                    raise missing
                 raise WorkerUnavailableError(
-                    f"no worker can take the request: {', '.join(self._describe())}"
+                    f"no worker can take a request for model '{params.model}': {', '.join(self._describe())}"
                 )
             tried.add(worker)
             remaining = None
@@ -205,6 +214,10 @@ class WorkerPool:
                 log.warning("worker %s failed mid-request (%s): retrying on another worker", worker.address, gone)
             except QueueFullError as e:
                 full = e
+            except ModelNotFoundError as e:
+                # Its models changed since it listed them: remember, and try one that has it.
+                worker.lacks.add(params.model)
+                missing = e
             finally:
                 worker.outstanding -= cost
                 worker.in_flight -= 1
@@ -253,11 +266,14 @@ class WorkerPool:
         pixels = (params.width or 512) * (params.height or 512)
         return params.n * steps * pixels / REFERENCE_PIXELS
 
-    async def _pick(self, tried: set[_Worker]) -> _Worker | None:
-        candidates = [w for w in self._workers if w.up and w not in tried]
+    async def _pick(self, tried: set[_Worker], model: str) -> _Worker | None:
+        """The worker for a request for `model`: among those up that serve it (or have not said
+        what they serve), the least outstanding work, ties round-robin."""
+        serving = [w for w in self._workers if w not in tried and model not in w.lacks and (w.models is None or model in w.models)]
+        candidates = [w for w in serving if w.up]
         if not candidates:
             # Before giving up, ask the down workers once: one may have come back since the last probe.
-            down = [w for w in self._workers if not w.up and w not in tried]
+            down = [w for w in serving if not w.up]
             if down:
                 await asyncio.gather(*(self._probe(w) for w in down))
                 candidates = [w for w in down if w.up]
@@ -338,6 +354,7 @@ class WorkerPool:
                 index = await worker.stub.RepositoryIndex(
                     pb.RepositoryIndexRequest(ready=True), timeout=self.probe_timeout, metadata=worker.metadata
                 )
+                worker.models, worker.lacks = frozenset(entry.name for entry in index.models), set()
                 for entry in index.models:
                     if entry.name in found:
                         continue
