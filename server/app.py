@@ -19,7 +19,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 import kiln
-from server import chat, images, models, ops, playground
+from server import chat, images, models, openapi_docs, ops, playground
 from server.auth import ApiKeyGuard
 from server.config import Config
 from server.engine_port import EnginePort
@@ -105,6 +105,7 @@ def create_app(config: Config, engine: EnginePort, *, close_engine: bool = False
         lifespan=[lifespan],
         logging_config=None,
     )
+    openapi_docs.finish(app.openapi_schema, config)  # the limits and shapes Litestar cannot see
     return Observed(app, metrics, drain, config.server.max_header_bytes)
 
 

@@ -38,6 +38,7 @@ async def read_form(request: Request, struct_type: type) -> Any:
         raise InvalidBodyError(f"the multipart body could not be read: {e.detail}", param=None) from None
     values: dict[str, Any] = {}
     images: list[tuple[str, Any]] = []
+    known = set(struct_type.__struct_fields__)
     for key in form.keys():
         items = form.getall(key)
         if key in ("image", "image[]"):
@@ -45,6 +46,8 @@ async def read_form(request: Request, struct_type: type) -> Any:
             continue
         if key == "mask[]":
             key = "mask"
+        if key not in known:
+            continue  # ignored, as unknown JSON fields are (clients send fields of newer APIs)
         if len(items) > 1 or key in values:
             raise InvalidBodyError(f"{key} is given more than once (as {key} or {key}[]); send it once", param=key)
         item = items[0]
