@@ -56,8 +56,8 @@ class Observed:
             await send(message)
 
         try:
-            size = head_bytes(scope) if self.max_header_bytes else 0
-            if size > self.max_header_bytes:
+            size = head_bytes(scope) if self.max_header_bytes is not None else 0
+            if self.max_header_bytes is not None and size > self.max_header_bytes:
                 await _answer(send_with_id, head_too_large(size, self.max_header_bytes, _largest(scope)), request_id)
             else:
                 await self.app(scope, receive, send_with_id)
