@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import secrets
@@ -29,11 +30,11 @@ import msgspec
 
 from engine.client.credentials import Endpoint, tls_channel_credentials
 from engine.errors import KilnError
+from kiln.default_model import DEFAULT_MODEL, home
 from server.config import AuthConfig, Config, ConfigError, load_config, parse_config
 
 log = logging.getLogger("kiln.serve")
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ALIASES = ["gpt-4o", "dall-e-3", "dall-e-2"]
 
 
@@ -61,7 +62,7 @@ def quick_config(model: Path, env: dict[str, str], target: str = "cpu") -> dict:
     return {
         "models": [{"name": name, "package": str(package), "aliases": [a for a in DEFAULT_ALIASES if a != name]}],
         "workers": {"local": 1},
-        "images": {"dir": str(ROOT / "build" / "images")},
+        "images": {"dir": str(home() / "images")},
     }
 
 
@@ -69,8 +70,6 @@ def choose_target(wanted: str) -> tuple[str, str]:
     """(target, why) for `--target`; "auto" picks the fastest CPU runtime installed."""
     if wanted != "auto":
         return wanted, "asked for"
-    import importlib.util
-
     if importlib.util.find_spec("openvino") is not None:
         # Measured on the bundled model, 256x256, 20 steps: 0.23 s an image against 0.36 s for the
         # cpu target; 6.6 against 2.5 images/s at concurrency 8 (README, TARGET=openvino).
@@ -85,10 +84,10 @@ def package_for(model: Path, target: str = "cpu") -> Path:
         return model
     if not model.is_dir():
         raise ConfigError(f"--model {model} does not exist (give a diffusers checkpoint or a package folder)")
-    package = ROOT / "build" / model.name / target
+    package = home() / model.name / target
     have = (package / "manifest.json").is_file()
     log.info("checking the package for %s%s", model, "" if have else " (first start: exporting, this takes a while)")
-    cmd = [sys.executable, "-m", "kiln.cli", "export", str(model), "--target", target, "--out", str(ROOT / "build")]
+    cmd = [sys.executable, "-m", "kiln.cli", "export", str(model), "--target", target, "--out", str(home())]
     if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
         if not have:
             raise ConfigError(f"could not build a package from --model {model} (see the export error above)")
@@ -103,7 +102,7 @@ def resolve_config(args: argparse.Namespace, env: dict[str, str]) -> tuple[Confi
     if args.config:
         config = load_config(args.config, env=env)
     else:
-        model = Path(args.model or ROOT / "models" / "kiln-shapes")
+        model = Path(args.model or DEFAULT_MODEL)
         target, why = choose_target(args.target)
         if not (model / "manifest.json").is_file():  # a package brings its own target
             print(f"kiln serve: target {target} ({why})", file=sys.stderr, flush=True)
@@ -148,9 +147,15 @@ def serve(config: Config, generated_key: bool) -> int:
     from engine.client.local import LocalWorkers
     from engine.client.pool import WorkerPool
     from server.app import create_app
+    from server.http_limits import uvicorn_options
     from server.metrics import Metrics
 
     w = config.workers
+    if w.local and importlib.util.find_spec("onnxruntime") is None:
+        raise ConfigError(
+            "local workers run packages with onnxruntime, which is not installed: "
+            "pip install 'kiln[cpu]' (or 'kiln[gpu]' on a CUDA machine)"
+        )
     metrics = Metrics()
     local = None
     endpoints = remote_endpoints(config)
@@ -191,6 +196,7 @@ def serve(config: Config, generated_key: bool) -> int:
                 access_log=False,
                 # Our drain (server/shutdown.py) has already answered everything when uvicorn stops.
                 timeout_graceful_shutdown=5,
+                **uvicorn_options(config.server.max_header_bytes),  # oversized heads: 431 error objects
             )
         )
         banner = _banner(config, generated_key)

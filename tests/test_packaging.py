@@ -4,11 +4,14 @@ outside the repository (read-only code, packages built under KILN_HOME)."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,3 +65,40 @@ def test_an_installed_kiln_finds_its_model_and_builds_outside_site_packages(inst
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
     assert Path(out.stdout.split()[1]) == tmp_path / "cache" / "kiln"
+
+
+def test_an_installed_kiln_serves_the_bundled_model_from_anywhere(installed, tmp_path):
+    """`kiln serve` with no arguments, run from the wheel's files in another folder: the bundled
+    model, its package under KILN_HOME (seeded with an up-to-date export, which the start re-checks
+    by file hashes instead of exporting again), hosted images under KILN_HOME too."""
+    from export.package import build_package
+    from kiln.default_model import DEFAULT_MODEL
+    from tests.conftest import CACHE
+    from tests._server import API_KEY, free_port, wait_ready
+
+    home = tmp_path / "home"
+    shutil.copytree(build_package(DEFAULT_MODEL, CACHE / "bundled", target="cpu"), home / "kiln-shapes" / "cpu")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(installed), "KILN_HOME": str(home), "KILN_API_KEYS": API_KEY, "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kiln.cli", "serve", "--port", str(port), "--target", "cpu"],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, 180, proc, log)
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "a red circle"}], "size": "256x256", "steps": 2},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        image_url = r.json()["choices"][0]["message"]["content"][0]["image_url"]["url"]
+        assert list((home / "images").glob("*.png")) and image_url.endswith(".png")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 0
