@@ -53,12 +53,11 @@ async def image_from_url(url: str, store: ImageStore, param: str) -> bytes:
             param=param,
         )
     try:
-        file = store.path(hosted.group("name"))
-        return await anyio.to_thread.run_sync(file.read_bytes)
-    except (ImageNotFoundError, FileNotFoundError) as e:
-        why = str(e) if isinstance(e, ImageNotFoundError) else "it has expired"
+        # Read through an open descriptor: a file the cleaner removes meanwhile is read whole or not at all.
+        return (await anyio.to_thread.run_sync(store.read, hosted.group("name"))).data
+    except ImageNotFoundError as e:
         raise BadRequestError(
-            f"{param}: the hosted image cannot be read ({why}); send the picture again as a data: URL", param=param
+            f"{param}: the hosted image cannot be read ({e}); send the picture again as a data: URL", param=param
         ) from None
 
 

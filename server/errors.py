@@ -33,6 +33,7 @@ from engine.errors import (
     PackageError,
     QueueFullError,
     RequestCancelledError,
+    WorkerAuthError,
     WorkerUnavailableError,
 )
 from server.protocol import ErrorBody, ErrorResponse
@@ -117,6 +118,8 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     RequestCancelledError: ErrorSpec(499, "invalid_request_error", "client_closed_request", retry=False),
     # capacity: worth retrying after a pause
     QueueFullError: ErrorSpec(429, "rate_limit_error", "queue_full", retry=True, retry_after=True),
+    # A worker refusing our token is a configuration error: retrying cannot help, so no Retry-After.
+    WorkerAuthError: ErrorSpec(503, "server_error", "worker_auth_failed", retry=False),
     WorkerUnavailableError: ErrorSpec(503, "server_error", "service_unavailable", retry=True, retry_after=True),
     # the server's deadline: the same work would take as long again, so no automatic retry
     DeadlineExceededError: ErrorSpec(504, "server_error", "timeout", retry=False),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import anyio
 from litestar import Response, get
 from litestar.di import NamedDependency
 
@@ -33,7 +32,7 @@ async def ready(engine: NamedDependency[EnginePort]) -> Status:
 @get("/metrics", summary="Prometheus metrics (text format)", media_type=CONTENT_TYPE, tags=["operations"])
 async def metrics(metrics: NamedDependency[Metrics], engine: NamedDependency[EnginePort], store: NamedDependency[ImageStore]) -> Response:
     metrics.workers_ready.set(1.0 if await engine.ready() else 0.0)
-    metrics.stored_images.set(await anyio.to_thread.run_sync(store.count))
+    metrics.stored_images.set(store.count())  # an in-memory count: no thread hop
     workers = None
     worker_metrics = getattr(engine, "metrics", None)  # WorkerPool has it; the port does not require it
     if worker_metrics is not None:

@@ -130,7 +130,9 @@ def test_a_wrong_worker_token_is_a_503_that_says_so_logged_once(tiny_package, tm
             assert r.status_code == 503, r.text
             error = r.json()["error"]
             assert "worker token" in error["message"] and worker in error["message"]
-            assert error["type"] == "server_error"
+            assert error["type"] == "server_error" and error["code"] == "worker_auth_failed"
+            # A configuration error: clients are told not to retry, and no Retry-After invites them to.
+            assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
             assert httpx.get(url + "/ready", timeout=10).status_code == 503
             assert httpx.get(url + "/metrics", timeout=10).status_code == 200
     finally:
