@@ -11,13 +11,14 @@ SIZES ?=
 BATCH ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install test serve export info default-model eval-default-model bench clean
+.PHONY: help install test serve export info default-model eval-default-model bench soak clean
 
 help:
 	@echo "make serve [PORT=8000] [TARGET=cpu|openvino]  start a worker and the API on the bundled model (default: the fastest target installed)"
 	@echo "make test                       run the test suite"
 	@echo "make export MODEL=<dir> [TARGET=cpu|cuda|tensorrt] [NAME=...] [SIZES=512x512,...] [BATCH=1,2,4]"
 	@echo "make bench                      benchmarks, results under benchmarks/results/"
+	@echo "make soak [DURATION=600] [CONCURRENCY=16]  mixed load on kiln serve: nothing lost, RSS growth < 5 %"
 	@echo "make default-model              retrain the bundled model (about 118 minutes on 2 cores; resumes)"
 	@echo "make eval-default-model         score the bundled model's prompt following"
 
@@ -51,6 +52,9 @@ eval-default-model: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak $(if $(DURATION),--duration $(DURATION)) $(if $(CONCURRENCY),--concurrency $(CONCURRENCY))
 
 clean:
 	rm -rf build

@@ -1,8 +1,8 @@
 """`make bench`: every benchmark in one run, each printing its table and writing JSON to results/.
 
     python -m benchmarks.run                 # all of them
-    python -m benchmarks.run --only engine   # one group: engine, memory, latency, worker, http
-    python -m benchmarks.run --quick         # small workloads only (no SD 1.5 architecture)
+    python -m benchmarks.run --only engine   # one group: engine, memory, latency, worker, http, soak
+    python -m benchmarks.run --quick         # small workloads only (no SD 1.5 architecture; a 1-minute soak)
 
 The SD 1.5 workload is the real architecture with random weights (timing does not depend on
 weight values), built from export/architectures/sd15 and exported on first use (about 5 minutes
@@ -82,6 +82,8 @@ GROUPS = {
     "latency": latency,
     "worker": lambda quick: optional("benchmarks.worker_throughput", quick),
     "http": lambda quick: optional("benchmarks.http_overhead", quick),
+    # 10 minutes at concurrency 16 on the bundled model: nothing lost, RSS flat (--quick: 60 s at 8)
+    "soak": lambda quick: run_module("benchmarks.soak", *(["--quick"] if quick else [])),
 }
 
 
