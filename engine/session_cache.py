@@ -21,8 +21,6 @@ The policy, per component:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
 from collections import OrderedDict
@@ -270,31 +268,9 @@ class SessionCache(Generic[S]):
 
 
 def _let_go(evicted: list | None) -> None:
-    """Free evicted sessions (the list holds the cache's last references) and give the memory back."""
+    """Free evicted sessions: the list holds the cache's last references to them.
+
+    (Asking glibc to return the freed heap with malloc_trim was measured and changed nothing:
+    resident memory stays bounded without it, benchmarks/session_cache.py.)"""
     if evicted:
         evicted.clear()
-        _malloc_trim()
-
-
-_libc_lock = threading.Lock()
-_libc: ctypes.CDLL | None | bool = None
-
-
-def _malloc_trim() -> None:
-    """Ask glibc to return freed heap pages to the system.
-
-    A session's graph, plan and kernels are many mid-sized allocations, which glibc keeps in its
-    heap once freed, so without this the resident memory would not fall after an eviction.
-    """
-    global _libc
-    with _libc_lock:
-        if _libc is None:
-            name = ctypes.util.find_library("c")
-            try:
-                _libc = ctypes.CDLL(name) if name else False
-            except OSError:
-                _libc = False
-            if _libc and not hasattr(_libc, "malloc_trim"):  # not glibc (musl, macOS)
-                _libc = False
-    if _libc:
-        _libc.malloc_trim(0)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import weakref
 
 import numpy as np
 import pytest
 
-from engine.errors import EngineError, PackageError
+from engine.errors import DeadlineExceededError, EngineError, PackageError, RequestCancelledError
 from engine.pipeline import ImageRequest, Pipeline
 from engine.session_cache import key_of
 from engine.sessions import RuntimeOptions
@@ -240,3 +241,39 @@ def test_with_every_slot_in_use_a_new_size_waits_and_the_bound_holds(serving):
     assert counters["session_evictions"] == 2 * 2, "the UNet's and the VAE decoder's 72 and 80"
     assert gauges["sessions_pinned"] >= 3 and gauges["sessions_building"] == 0
     assert key_of({"height": 8, "width": 8}) in pipe.unet.loaded_shapes
+
+
+def test_a_request_cancelled_or_expired_while_its_size_is_built_leaves_nothing_held(serving):
+    pipe, scheduler = serving()
+    builds = BlockedBuilds(pipe.unet, free_width=8)
+    cancelled = Recorder()
+    request = pipe.resolve(ImageRequest(prompt="a red circle", width=96, height=64, seed=0, steps=2))
+    job = Job("sd1", request, scheduler.key_for("sd1", 96, 64), 1, cancelled)
+    scheduler.submit(job)
+    assert builds.started.wait(GUARD_S)
+    scheduler.cancel(job)
+    assert cancelled.done.wait(GUARD_S) and isinstance(cancelled.events[-1].error, RequestCancelledError)
+
+    expiring = Recorder()
+    request = pipe.resolve(ImageRequest(prompt="a red circle", width=104, height=64, seed=0, steps=2))
+    deadline = time.monotonic() + 0.2  # passes while the loop sleeps, waiting for the blocked build
+    scheduler.submit(Job("sd1", request, scheduler.key_for("sd1", 104, 64), 1, expiring, deadline=deadline))
+    assert expiring.done.wait(GUARD_S) and isinstance(expiring.events[-1].error, DeadlineExceededError)
+
+    builds.release.set()
+    assert scheduler.wait_idle(GUARD_S)
+    again = submit(scheduler, 96, steps=1)
+    assert again.done.wait(GUARD_S) and isinstance(again.events[-1], JobResult)
+    assert all(entry.holders == 0 for entry in pipe.unet.cache._entries.values()), "no hold outlives its request"
+
+
+def test_without_batching_a_new_size_waits_for_its_build_then_runs(make_pipe):
+    pipe = make_pipe(max_sessions=4)
+    scheduler = Scheduler({"sd1": pipe}, max_batch=4, batching=False)
+    scheduler.start()
+    try:
+        first, second = submit(scheduler, 96, steps=1), submit(scheduler, 64, steps=1)
+        for recorder in (first, second):
+            assert recorder.done.wait(GUARD_S) and isinstance(recorder.events[-1], JobResult)
+    finally:
+        scheduler.close()
