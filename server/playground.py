@@ -31,10 +31,10 @@ CSP = "; ".join(
         "frame-ancestors 'none'",
     ]
 )
-MEDIA_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
+MEDIA_TYPES = {  # Litestar adds "; charset=utf-8" to text types
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
     ".svg": "image/svg+xml",
     ".png": "image/png",
 }

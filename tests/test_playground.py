@@ -28,8 +28,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 CHROMIUM = Path(os.environ.get("KILN_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
-PAGE_FILES = ("index.html", "app.js", "api.js", "mask.js", "snippets.js", "style.css")
 STATIC = Path(__file__).resolve().parents[1] / "server" / "playground"
+PAGE_FILES = sorted(p.name for p in STATIC.iterdir() if p.suffix in (".html", ".js", ".css"))
 CHAT = "/v1/chat/completions"
 TIMEOUT_MS = 30_000
 
@@ -157,11 +157,13 @@ def test_page_and_its_files_are_open_and_served_with_a_strict_csp(live):
         csp = r.headers["content-security-policy"]
         assert "default-src 'self'" in csp and "img-src 'self' data:" in csp and "frame-ancestors 'none'" in csp
         assert r.headers["x-content-type-options"] == "nosniff"
-    for name in PAGE_FILES[1:]:
-        r = httpx.get(f"{live.url}/playground/{name}", timeout=10)
-        assert r.status_code == 200, name
-        assert r.headers["content-type"].startswith("text/javascript" if name.endswith(".js") else "text/css")
-    assert httpx.get(live.url + "/playground/nothing.js", timeout=10).status_code == 404
+    kinds = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+    for path in STATIC.iterdir():
+        r = httpx.get(f"{live.url}/playground/{path.name}", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].split(";")[0] == kinds[path.suffix], path.name
+        assert r.content == path.read_bytes() and r.headers["content-security-policy"] == csp
+    for missing in ("nothing.js", "%2e%2e", "..%2fplayground.py", ".hidden.js"):
+        assert httpx.get(f"{live.url}/playground/{missing}", timeout=10).status_code == 404, missing
     assert httpx.get(live.url + "/v1/models", timeout=10).status_code == 401  # the page is open, the API is not
 
 

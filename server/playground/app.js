@@ -6,108 +6,21 @@
 // picture is attached to the next message; with a painted mask the request goes to
 // /v1/images/edits instead, which is the route that takes a mask.
 
-import { ApiError, ConnectionError, PLAIN_TIMEOUT_MS, call, dataUrlBlob, inBandError, pictureBlob, sseData } from "./api.js";
+import { ConnectionError, PLAIN_TIMEOUT_MS, call, dataUrlBlob, inBandError, pictureBlob, sseData } from "./api.js";
+import { history, renderTurn, showAnswer, showProgress, showWaiting, userMessage } from "./conversation.js";
+import { el, setStatus, ui } from "./dom.js";
+import { InputError, clearError, clearErrors, clearOnInput, showError } from "./errors.js";
 import { MaskPainter } from "./mask.js";
-import { curl, python } from "./snippets.js";
 
 const KEY_STORAGE = "kiln.playground.apiKey";
-const $ = (id) => document.getElementById(id);
-
-const ui = {
-  keyForm: $("key-form"),
-  key: $("api-key"),
-  forgetKey: $("forget-key"),
-  compose: $("compose"),
-  prompt: $("prompt"),
-  model: $("model"),
-  size: $("size"),
-  sizeCustomField: $("size-custom-field"),
-  sizeCustom: $("size-custom"),
-  n: $("n"),
-  steps: $("steps"),
-  seed: $("seed"),
-  guidance: $("guidance"),
-  negative: $("negative-prompt"),
-  sampler: $("sampler"),
-  strength: $("strength"),
-  previews: $("previews"),
-  advanced: $("advanced"),
-  generate: $("generate"),
-  cancel: $("cancel"),
-  status: $("status"),
-  turns: $("turns"),
-  emptyNote: $("empty-note"),
-  newConversation: $("new-conversation"),
-  attachment: $("attachment"),
-  attachmentImage: $("attachment-image"),
-  attachmentCaption: $("attachment-caption"),
-  attachButton: $("attach-button"),
-  attachFile: $("attach-file"),
-  paintMask: $("paint-mask"),
-  clearMask: $("clear-mask"),
-  removeAttachment: $("remove-attachment"),
-  maskCanvas: $("mask-canvas"),
-  brush: $("brush-size"),
-};
-
-// Which control an API error's `param` names, and the error line below it.
-const PARAM_FIELDS = [
-  [/^model$/, ui.model],
-  [/^size$/, ui.size],
-  [/^n$/, ui.n],
-  [/^steps$/, ui.steps],
-  [/^seed$/, ui.seed],
-  [/^guidance/, ui.guidance],
-  [/^negative_prompt$/, ui.negative],
-  [/^sampler$/, ui.sampler],
-  [/^strength$/, ui.strength],
-  [/^(image|mask)/, ui.paintMask],
-  [/^(prompt|messages)/, ui.prompt],
-];
-const ERROR_LINE = new Map([
-  [ui.key, $("api-key-error")],
-  [ui.prompt, $("prompt-error")],
-  [ui.model, $("model-error")],
-  [ui.size, $("size-error")],
-  [ui.sizeCustom, $("size-error")],
-  [ui.n, $("n-error")],
-  [ui.steps, $("steps-error")],
-  [ui.seed, $("seed-error")],
-  [ui.guidance, $("guidance-error")],
-  [ui.negative, $("negative-prompt-error")],
-  [ui.sampler, $("sampler-error")],
-  [ui.strength, $("strength-error")],
-  [ui.paintMask, $("image-error")],
-  [ui.generate, $("generate-error")],
-]);
 
 const state = {
   turns: [], // {prompt, attachment, maskUrl, request, images: [{url, seed}], text, status}
   attachment: null, // {url, name}: the picture the next request edits
   controller: null, // the AbortController of the request in flight
-  countdown: null,
 };
 
 const painter = new MaskPainter(ui.maskCanvas, ui.attachmentImage, ui.brush, showAttachmentCaption);
-
-// ---- small DOM helpers -------------------------------------------------------------------------
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === null || v === undefined || v === false) continue;
-    if (k === "class") node.className = v;
-    else if (k === "text") node.textContent = v;
-    else if (k in node && typeof v !== "string") node[k] = v;
-    else node.setAttribute(k, v === true ? "" : v);
-  }
-  node.append(...children.filter((c) => c !== null && c !== undefined));
-  return node;
-}
-
-function setStatus(text) {
-  ui.status.textContent = text;
-}
 
 // ---- the API key -------------------------------------------------------------------------------
 
@@ -160,105 +73,7 @@ async function useKey() {
     showError(e);
   }
 }
-
-// ---- errors next to the control they name ------------------------------------------------------
-
-function clearError(control) {
-  const line = ERROR_LINE.get(control);
-  if (line) {
-    line.hidden = true;
-    line.textContent = "";
-  }
-  control.removeAttribute("aria-invalid");
-}
-
-function clearErrors() {
-  for (const control of ERROR_LINE.keys()) clearError(control);
-  if (state.countdown) clearInterval(state.countdown);
-  state.countdown = null;
-}
-
-function sentence(text) {
-  const t = String(text || "").trim();
-  if (!t) return "";
-  return t[0].toUpperCase() + t.slice(1) + (/[.!?]$/.test(t) ? "" : ".");
-}
-
-/** The control an error belongs to, and what to tell the person. */
-function describe(error) {
-  if (error instanceof ConnectionError) {
-    return [ui.generate, `Lost the connection to the server: ${error.message}. Is Kiln still running? Try again.`];
-  }
-  if (!(error instanceof ApiError)) {
-    return [ui.generate, `Something went wrong in this page: ${error && error.message ? error.message : error}.`];
-  }
-  const wait = error.retryAfter !== null ? ` Try again in ${error.retryAfter} s.` : " Try again in a moment.";
-  switch (error.status) {
-    case 401:
-      return [
-        ui.key,
-        ui.key.value.trim()
-          ? "The server did not accept this API key (401). Check it against the key `make serve` printed, or one listed in KILN_API_KEYS, and enter it again."
-          : "This server needs an API key (401). Enter the key `make serve` printed, or one listed in KILN_API_KEYS.",
-      ];
-    case 429:
-      return [ui.generate, `The server is busy: its queue is full (429).${wait}`];
-    case 503:
-      return [ui.generate, `No engine worker is ready right now (503): it may be starting, restarting or shutting down.${wait}`];
-    case 504:
-      return [ui.generate, "The picture took longer than the server's time limit (504). Try fewer steps, fewer images or a smaller size."];
-    case 413:
-      return [state.attachment ? ui.paintMask : ui.prompt, "The request is larger than this server accepts (413): try a smaller picture."];
-    default:
-      break;
-  }
-  const match = PARAM_FIELDS.find(([pattern]) => error.param && pattern.test(error.param));
-  let control = match ? match[1] : ui.generate;
-  if (error.code === "model_not_found") control = ui.model;
-  if (control === ui.size && ui.size.value === "custom") control = ui.sizeCustom;
-  if (control === ui.paintMask && !state.attachment) control = ui.prompt;
-  const status = error.status ? ` (${error.status})` : "";
-  if (error.status >= 500) return [control, `The server failed while making the picture${status}: ${sentence(error.message)}`];
-  return [control, sentence(error.message) + status];
-}
-
-function showError(error) {
-  const [control, message] = error instanceof InputError ? [error.control, error.message] : describe(error);
-  const line = ERROR_LINE.get(control);
-  line.textContent = message;
-  line.hidden = false;
-  if (control !== ui.generate) {
-    control.setAttribute("aria-invalid", "true");
-    if (ui.advanced.contains(control)) ui.advanced.open = true;
-    control.focus();
-  }
-  if (error instanceof ApiError && error.retryAfter) countDown(line, message, error.retryAfter);
-  return message;
-}
-
-function countDown(line, message, seconds) {
-  let left = seconds;
-  state.countdown = setInterval(() => {
-    left -= 1;
-    if (left <= 0) {
-      clearInterval(state.countdown);
-      state.countdown = null;
-      line.textContent = message.replace(/ Try again in \d+ s\./, " You can try again now.");
-    } else {
-      line.textContent = message.replace(/in \d+ s\./, `in ${left} s.`);
-    }
-  }, 1000);
-}
-
 // ---- reading the controls ----------------------------------------------------------------------
-
-class InputError extends Error {
-  constructor(control, message) {
-    super(message);
-    this.control = control;
-  }
-}
-
 function number(control, { integer = true } = {}) {
   const raw = control.value.trim();
   if (raw === "") return undefined;
@@ -296,137 +111,9 @@ function parameters(withPicture) {
 
 // ---- the conversation --------------------------------------------------------------------------
 
-/** The chat history the API reads: completed turns only (README, "Editing": the latest picture is edited). */
-function history() {
-  const messages = [];
-  for (const turn of state.turns) {
-    if (turn.status !== "done") continue;
-    messages.push(userMessage(turn.prompt, turn.attachment));
-    messages.push({
-      role: "assistant",
-      content: [...turn.images.map((image) => ({ type: "image_url", image_url: { url: image.url } })), { type: "text", text: turn.text }],
-    });
-  }
-  return messages;
-}
-
-function userMessage(prompt, attachment) {
-  if (!attachment) return { role: "user", content: prompt };
-  return { role: "user", content: [{ type: "text", text: prompt }, { type: "image_url", image_url: { url: attachment.url } }] };
-}
-
 function hasPicture() {
   return Boolean(state.attachment) || state.turns.some((t) => t.status === "done" && t.images.length);
 }
-
-function renderTurn(turn) {
-  const userParts = [el("p", { class: "prompt-text", text: turn.prompt })];
-  if (turn.attachment) {
-    const sent = [el("img", { class: "thumb", src: turn.attachment.url, alt: "The picture sent to edit" })];
-    if (turn.maskUrl) sent.push(el("img", { class: "thumb mask-thumb", src: turn.maskUrl, alt: "The mask sent (transparent = repaint)" }));
-    const links = [el("a", { href: turn.attachment.url, download: "image.png", text: "image.png" })];
-    if (turn.maskUrl) links.push(el("a", { href: turn.maskUrl, download: "mask.png", text: "mask.png" }));
-    userParts.push(el("div", { class: "sent" }, ...sent), el("p", { class: "help" }, "Sent: ", ...links.flatMap((a, i) => (i ? [" and ", a] : [a]))));
-  }
-  turn.progress = el("div", { class: "progress-list" });
-  turn.answer = el("div", { class: "answer" });
-  turn.note = el("p", { class: "turn-note", "aria-live": "polite" });
-  turn.node = el(
-    "li",
-    { class: "turn" },
-    el("div", { class: "bubble user" }, el("h3", { class: "visually-hidden", text: "You" }), ...userParts),
-    el("div", { class: "bubble assistant" }, el("h3", { class: "visually-hidden", text: "Kiln" }), turn.progress, turn.answer, turn.note),
-  );
-  ui.turns.append(turn.node);
-  ui.emptyNote.hidden = true;
-  turn.node.scrollIntoView({ block: "end", behavior: "smooth" });
-}
-
-/** One progress bar (and preview) per image, from the stream's progress chunks. */
-function showProgress(turn, { image_index: k, step, total_steps: total, preview }) {
-  turn.bars = turn.bars || [];
-  if (!turn.bars[k]) {
-    const bar = el("progress", { max: total, value: 0, "aria-label": `Image ${k + 1} progress` });
-    const label = el("span", { class: "step", text: "" });
-    const img = el("img", { class: "preview", alt: `Preview of image ${k + 1}`, hidden: true });
-    turn.bars[k] = { bar, label, img };
-    turn.progress.append(el("div", { class: "progress-item" }, img, el("div", { class: "row" }, bar, label)));
-  }
-  const { bar, label, img } = turn.bars[k];
-  bar.max = total;
-  bar.value = step;
-  label.textContent = `Image ${k + 1}: step ${step} of ${total}`;
-  if (preview) {
-    img.src = preview;
-    img.hidden = false;
-  }
-}
-
-function showWaiting(turn, text) {
-  turn.progress.replaceChildren(el("div", { class: "progress-item" }, el("div", { class: "row" }, el("progress", { "aria-label": text }), el("span", { class: "step", text }))));
-}
-
-function showAnswer(turn) {
-  turn.progress.replaceChildren();
-  const seconds = (turn.elapsed / 1000).toFixed(1);
-  const figures = turn.images.map((image, k) => {
-    const caption = el("figcaption", {});
-    const img = el("img", { class: "result", src: image.url, alt: turn.prompt, decoding: "async" });
-    const describeImage = () => {
-      const dims = img.naturalWidth ? `${img.naturalWidth}×${img.naturalHeight}` : turn.size || "";
-      caption.replaceChildren(
-        el("span", { text: [image.seed !== undefined ? `seed ${image.seed}` : null, dims, `${seconds} s`].filter(Boolean).join(" · ") }),
-      );
-    };
-    img.addEventListener("load", describeImage);
-    img.addEventListener("error", () => caption.replaceChildren(el("span", { class: "error-text", text: "This picture could not be loaded (hosted pictures expire)." })));
-    describeImage();
-    const actions = el(
-      "div",
-      { class: "buttons" },
-      el("a", { class: "button secondary", href: image.url, download: `kiln-${image.seed ?? k}.png`, text: "Download" }),
-      button("Edit this", () => attach({ url: image.url, name: `picture ${k + 1} of “${turn.prompt}”` }, false), `Edit picture ${k + 1}`),
-      button("Paint mask", () => attach({ url: image.url, name: `picture ${k + 1} of “${turn.prompt}”` }, true), `Paint a mask on picture ${k + 1}`),
-    );
-    return el("figure", { class: "result-figure" }, img, caption, actions);
-  });
-  const snippet = el("pre", { class: "snippet", hidden: true, tabindex: "0" });
-  const copied = el("span", { class: "help", "aria-live": "polite" });
-  const origin = window.location.origin;
-  const tools = el(
-    "div",
-    { class: "buttons" },
-    button("Copy as curl", () => copy(curl(origin, turn.request), snippet, copied)),
-    button("Copy as Python (openai)", () => copy(python(origin, turn.request), snippet, copied)),
-    copied,
-  );
-  turn.answer.replaceChildren(el("div", { class: "results" }, ...figures), tools, snippet);
-  turn.note.textContent = turn.text && turn.request.route === "chat" ? turn.text : "";
-}
-
-function button(text, onClick, label) {
-  const b = el("button", { type: "button", class: "secondary", text, "aria-label": label });
-  b.addEventListener("click", onClick);
-  return b;
-}
-
-async function copy(text, pre, note) {
-  pre.textContent = text;
-  pre.hidden = false;
-  try {
-    await navigator.clipboard.writeText(text);
-    note.textContent = "Copied to the clipboard (the key is read from $KILN_API_KEY).";
-  } catch {
-    const range = document.createRange(); // no clipboard (a plain-http page elsewhere than localhost)
-    range.selectNodeContents(pre);
-    const selection = window.getSelection();
-    selection.removeAllRanges();
-    selection.addRange(range);
-    pre.focus();
-    note.textContent = "Selected below: press Ctrl+C (⌘C) to copy.";
-  }
-}
-
 // ---- the picture to edit -----------------------------------------------------------------------
 
 function attach(attachment, paint) {
@@ -521,7 +208,7 @@ async function generate() {
     else await runChat(turn, params, controller.signal);
     turn.elapsed = performance.now() - started;
     turn.status = "done";
-    showAnswer(turn);
+    showAnswer(turn, attach);
     setStatus(`Done in ${(turn.elapsed / 1000).toFixed(1)} s.`);
     ui.prompt.value = "";
     if (turn.attachment) detach();
@@ -549,7 +236,7 @@ async function generate() {
 }
 
 async function runChat(turn, params, signal) {
-  const body = { ...params, messages: [...history(), userMessage(turn.prompt, turn.attachment)], stream: true };
+  const body = { ...params, messages: [...history(state.turns), userMessage(turn.prompt, turn.attachment)], stream: true };
   if (ui.previews.checked) body.preview_every = params.steps ? Math.max(1, Math.ceil(params.steps / 10)) : 2;
   turn.request = { route: "chat", body: reorder(body) };
   const response = await call("/v1/chat/completions", { key: currentKey(), method: "POST", json: turn.request.body, signal });
@@ -625,9 +312,7 @@ function start() {
     ui.sizeCustomField.hidden = ui.size.value !== "custom";
     if (!ui.sizeCustomField.hidden) ui.sizeCustom.focus();
   });
-  for (const control of ERROR_LINE.keys()) {
-    if (control !== ui.generate && control !== ui.paintMask) control.addEventListener("input", () => clearError(control));
-  }
+  clearOnInput();
 
   ui.newConversation.addEventListener("click", () => {
     if (state.controller) state.controller.abort();
