@@ -363,6 +363,18 @@ def test_a_dropped_connection_never_hangs_the_page(page):
     assert page.get_by_role("button", name="Generate").is_enabled()
 
 
+def test_pictures_show_when_the_page_is_opened_at_another_name_of_the_server(page, live):
+    """The server names its pictures by its configured address (127.0.0.1 here); a person may open
+    http://localhost:PORT/ instead, where the CSP allows this origin's pictures only."""
+    page.goto(live.url.replace("127.0.0.1", "localhost") + "/")
+    enter_key(page)
+    generate(page, "a purple circle")
+    picture = wait_for_picture(page, "a purple circle").first.get_attribute("src")
+    assert picture.startswith(live.url.replace("127.0.0.1", "localhost") + "/v1/images/files/")
+    generate(page, "a purple circle on a white background")  # its URL, sent back in the history, is still this server's
+    wait_for_picture(page, "a purple circle on a white background")
+
+
 def test_works_at_phone_width(browser, live):
     context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
     page = context.new_page()

@@ -6,7 +6,7 @@
 // picture is attached to the next message; with a painted mask the request goes to
 // /v1/images/edits instead, which is the route that takes a mask.
 
-import { ConnectionError, PLAIN_TIMEOUT_MS, call, dataUrlBlob, inBandError, pictureBlob, sseData } from "./api.js";
+import { ApiError, ConnectionError, PLAIN_TIMEOUT_MS, call, dataUrlBlob, inBandError, pictureBlob, sseData } from "./api.js";
 import { history, renderTurn, showAnswer, showProgress, showWaiting, userMessage } from "./conversation.js";
 import { el, setStatus, ui } from "./dom.js";
 import { InputError, clearError, clearErrors, clearOnInput, showError } from "./errors.js";
@@ -65,15 +65,29 @@ async function loadModels() {
   return data;
 }
 
-async function useKey() {
-  try {
-    const models = await loadModels();
-    setStatus(`Connected: ${models.length} model name${models.length === 1 ? "" : "s"}.`);
-  } catch (e) {
-    showError(e);
-  }
+let checking = null; // {key, done}: the key being tried (Enter fires both the form's submit and the field's change)
+
+/** Load the models with the key; `quiet`: on opening the page, a missing key is a hint, not an error. */
+function useKey({ quiet = false } = {}) {
+  const key = ui.key.value.trim();
+  if (checking && checking.key === key) return checking.done;
+  const done = (async () => {
+    try {
+      const models = await loadModels();
+      setStatus(`Connected: ${models.length} model name${models.length === 1 ? "" : "s"}.`);
+    } catch (e) {
+      if (quiet && e instanceof ApiError && e.status === 401) setStatus("Enter the API key to start.");
+      else showError(e);
+    } finally {
+      checking = null;
+    }
+  })();
+  checking = { key, done };
+  return done;
 }
+
 // ---- reading the controls ----------------------------------------------------------------------
+
 function number(control, { integer = true } = {}) {
   const raw = control.value.trim();
   if (raw === "") return undefined;
@@ -109,12 +123,12 @@ function parameters(withPicture) {
   return p;
 }
 
-// ---- the conversation --------------------------------------------------------------------------
+// ---- the picture to edit -----------------------------------------------------------------------
 
+/** Whether the next request edits a picture (an attached one, or the conversation's latest). */
 function hasPicture() {
   return Boolean(state.attachment) || state.turns.some((t) => t.status === "done" && t.images.length);
 }
-// ---- the picture to edit -----------------------------------------------------------------------
 
 function attach(attachment, paint) {
   state.attachment = attachment;
@@ -248,7 +262,7 @@ async function runChat(turn, params, signal) {
       const delta = choice.delta || {};
       const parts = [...(Array.isArray(delta.content) ? delta.content : []), ...(delta.images || [])];
       for (const part of parts) {
-        if (part.type === "image_url") turn.images.push({ url: part.image_url.url });
+        if (part.type === "image_url") turn.images.push({ url: hostedHere(part.image_url.url) });
         else if (part.type === "text") turn.text += part.text;
       }
       if (typeof delta.content === "string") turn.text += delta.content;
@@ -271,8 +285,17 @@ async function runEdit(turn, params, signal) {
     throw e;
   });
   const answer = await response.json();
-  turn.images = answer.data.map((d) => ({ url: d.url || `data:image/png;base64,${d.b64_json}`, seed: d.seed }));
+  turn.images = answer.data.map((d) => ({ url: d.url ? hostedHere(d.url) : `data:image/png;base64,${d.b64_json}`, seed: d.seed }));
   turn.text = "Edited with the painted mask.";
+}
+
+/** A hosted picture's URL on this page's own origin. The server names its pictures by its configured
+ * address (say 127.0.0.1), which may not be the one this page was opened at (localhost, a LAN
+ * name): the CSP shows pictures of this origin only, and the API recognises its pictures by path. */
+function hostedHere(url) {
+  if (url.startsWith("data:")) return url;
+  const { pathname } = new URL(url, window.location.href);
+  return pathname.includes("/v1/images/files/") ? window.location.origin + pathname : url;
 }
 
 /** model and messages first: the copied snippets read in the usual order. */
@@ -367,7 +390,7 @@ function start() {
   });
 
   setPainting(false);
-  if (ui.key.value) useKey();
+  useKey({ quiet: !ui.key.value }); // a server without keys needs none
 }
 
 start();
