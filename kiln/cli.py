@@ -8,8 +8,16 @@ import sys
 from pathlib import Path
 
 from engine.errors import KilnError
+from kiln.default_model import home
 
 log = logging.getLogger("kiln")
+
+# The optional installs (pyproject.toml's extras) that bring a module a command may need.
+EXTRAS = {
+    **dict.fromkeys(("torch", "diffusers", "transformers", "optimum", "onnx", "safetensors"), "export"),
+    "onnxruntime": "cpu",
+    "openvino": "openvino",
+}
 
 
 def _export(args) -> int:
@@ -91,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="local diffusers checkpoint folder")
     p.add_argument("--target", default="cpu", help="cpu (default), openvino (fast CPU), cuda or tensorrt")
     p.add_argument("--name", default=None, help="package name (default: the folder's name)")
-    p.add_argument("--out", default="build", help="where packages go (default: build/)")
+    p.add_argument("--out", default=str(home()), help=f"where packages go (default: {home()})")
     p.add_argument("--force", action="store_true", help="rebuild even if the checkpoint is unchanged")
     p.add_argument("--sizes", default="", help="tensorrt: WxH[,WxH...] to build engines for")
     p.add_argument("--batch", default="", help="tensorrt: batch sizes of the profiles, e.g. 1,2,4")
@@ -135,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KilnError as e:
         log.error("%s: %s", type(e).__name__, e)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        log.error("`kiln %s` needs %s, which is not installed: pip install 'kiln[%s]'", args.command, e.name, extra)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -90,7 +90,11 @@ def package_for(model: Path, target: str = "cpu") -> Path:
     cmd = [sys.executable, "-m", "kiln.cli", "export", str(model), "--target", target, "--out", str(home())]
     if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode != 0:
         if not have:
-            raise ConfigError(f"could not build a package from --model {model} (see the export error above)")
+            raise ConfigError(
+                f"could not build a package from {model} (see the export error above). A checkpoint is exported "
+                "once, which needs the export extras (pip install 'kiln[cpu,export]'); or give --model a package "
+                "folder exported elsewhere"
+            )
         log.warning("could not re-check %s against %s (is `.[export]` installed?); serving the existing package", package, model)
     return package
 
@@ -263,6 +267,7 @@ def _banner(config: Config, generated_key: bool) -> str:
     lines = [
         "",
         f"Kiln is serving on {url}  (models: {names})",
+        f"  Playground: {url}/  (open it in a browser)",
         f"  OpenAPI: {url}/schema   metrics: {url}/metrics",
     ]
     if generated_key:  # printed for the operator, never logged
