@@ -1,6 +1,6 @@
 """Hostile inputs sent together with ordinary requests: each is a 4xx OpenAI error, the ordinary
 ones get their images, and the front end answers no 5xx. (tests/test_server_errors.py checks each
-input's own error and the access log; a 200 KB header is tests/test_server_http_limits.py's.)"""
+input's own error and the access log; a 200 KB header is tests/test_server_hostile_inputs.py's.)"""
 
 from __future__ import annotations
 
