@@ -17,7 +17,9 @@ import msgspec
 from engine.errors import KilnError
 
 SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
-ADDRESS_RE = re.compile(r"^[\w.\-\[\]:]+:\d+$")
+# workers.remote: "host:port", or "dns:///name:port" for every address the name resolves to
+# (re-resolved while running: engine/client/discovery.py).
+ADDRESS_RE = re.compile(r"^(?:dns:///)?[\w.\-\[\]:]+:\d+$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
 KEYS_ENV = "KILN_API_KEYS"
 WORKER_TOKEN_ENV = "KILN_WORKER_TOKEN"
@@ -66,7 +68,9 @@ class WorkersConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_queue: int = 64  # images waiting in a local worker before it refuses (-> 429)
     warmup_sizes: list[str] = msgspec.field(default_factory=list)  # "WxH"; empty: each package's default
     batching: bool = True
-    remote: list[str] = msgspec.field(default_factory=list)  # "host:port" of workers elsewhere
+    # Workers elsewhere: "host:port", or "dns:///name:port" (every address `name` resolves to, looked
+    # up again every few seconds and when a worker fails: a Kubernetes headless Service's pods).
+    remote: list[str] = msgspec.field(default_factory=list)
     # CUDA_VISIBLE_DEVICES of each local worker, one entry per worker (one worker per GPU): ["0", "1"].
     # Empty: the workers inherit this process's environment.
     devices: list[str] = msgspec.field(default_factory=list)
@@ -243,7 +247,7 @@ def validate(config: Config, source: str = "config") -> None:
         raise bad("workers.start_timeout_s", f"must be positive, got {w.start_timeout_s}")
     for addr in w.remote:
         if not ADDRESS_RE.match(addr):
-            raise bad("workers.remote", f"entries look like host:port, got {addr!r}")
+            raise bad("workers.remote", f"entries look like host:port or dns:///name:port, got {addr!r}")
     if w.token and (len(w.token) < 16 or any(c.isspace() for c in w.token)):
         raise bad("workers.token", "must be at least 16 characters without spaces")  # never echoed
     if bool(w.tls_cert_file) != bool(w.tls_key_file):

@@ -29,6 +29,7 @@ from pathlib import Path
 import msgspec
 
 from engine.client.credentials import Endpoint, tls_channel_credentials
+from engine.client.discovery import DnsDiscovery, is_dns_target
 from engine.errors import KilnError
 from kiln.default_model import DEFAULT_MODEL, home
 from server.config import AuthConfig, Config, ConfigError, load_config, parse_config
@@ -162,7 +163,7 @@ def serve(config: Config, generated_key: bool) -> int:
         )
     metrics = Metrics()
     local = None
-    endpoints = remote_endpoints(config)
+    endpoints, discovery = remote_endpoints(config)
     # Local workers are always authenticated: another user of this machine could otherwise reach
     # their loopback port. Without a configured token, a fresh one each start (only we know it).
     local_token = w.token or secrets.token_urlsafe(32)
@@ -190,7 +191,7 @@ def serve(config: Config, generated_key: bool) -> int:
         log.info("starting %d local worker(s) for %s", w.local, ", ".join(packages))
         endpoints += [Endpoint(a, token=local_token) for a in local.start(timeout=w.start_timeout_s)]  # loopback: plaintext
     try:
-        app = create_app(config, WorkerPool(endpoints), close_engine=True, metrics=metrics)
+        app = create_app(config, WorkerPool(endpoints, discovery=discovery), close_engine=True, metrics=metrics)
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -219,8 +220,9 @@ def serve(config: Config, generated_key: bool) -> int:
             signal.signal(sig, handler)
 
 
-def remote_endpoints(config: Config) -> list[Endpoint]:
-    """workers.remote with the configured token (empty: none) and TLS (no CA file: plaintext)."""
+def remote_endpoints(config: Config) -> tuple[list[Endpoint], DnsDiscovery | None]:
+    """workers.remote with the configured token (empty: none) and TLS (no CA file: plaintext): the
+    host:port entries as endpoints, the dns:///name:port entries as one discovery (None: none)."""
     w = config.workers
     credentials = None
     if w.tls_ca_file:
@@ -228,7 +230,13 @@ def remote_endpoints(config: Config) -> list[Endpoint]:
             credentials = tls_channel_credentials(w.tls_ca_file, w.tls_cert_file or None, w.tls_key_file or None)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    return [Endpoint(address, token=w.token or None, credentials=credentials) for address in w.remote]
+    token = w.token or None
+    names = [a for a in w.remote if is_dns_target(a)]
+    try:
+        discovery = DnsDiscovery(names, token=token, credentials=credentials) if names else None
+    except ValueError as e:
+        raise ConfigError(f"workers.remote: {e}") from None
+    return [Endpoint(a, token=token, credentials=credentials) for a in w.remote if not is_dns_target(a)], discovery
 
 
 class _Stopped(Exception):

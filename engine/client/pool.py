@@ -27,6 +27,12 @@ probed in a loop; the request moves on to the next worker, and WorkerAuthError (
 message says the worker token is wrong) is raised when no worker took it. It is logged once at
 ERROR per worker, naming its address, until a call to that worker succeeds again.
 
+Workers that come and go: `add(endpoint)` and `remove(address)` change the set at run time (a
+removed worker's requests in flight finish there; new ones go elsewhere). A `discovery`
+(engine/client/discovery.py: `dns:///name:port`, every address the name resolves to) drives them:
+the pool starts it on first use, waits for its first answer before routing, asks it to resolve
+again when a worker fails, and once more before saying no worker can take a request.
+
 Health: `ready()` only asks; it never marks a worker down or up, so scraping /ready or /metrics
 never changes routing. Only a failed call (transport failure, draining) marks a worker down.
 
@@ -42,7 +48,7 @@ import asyncio
 import inspect
 import logging
 import uuid
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import grpc
 import msgspec
@@ -54,6 +60,9 @@ from engine.worker import inference_pb2 as pb
 from engine.worker import inference_pb2_grpc as pb_grpc
 from engine.worker import wire
 from engine.worker.status import from_status
+
+if TYPE_CHECKING:
+    from engine.client.discovery import DnsDiscovery
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +109,7 @@ class _Worker:
         self.outstanding = 0.0
         self.in_flight = 0
         self.failures = 0
+        self.removed = False  # left the pool (WorkerPool.remove): finishing what it has, then closed
         self.probe: asyncio.Task | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.GRPCInferenceServiceStub | None = None
@@ -133,14 +143,18 @@ class WorkerPool:
         retries: int = 1,
         probe_interval: float = 1.0,
         probe_timeout: float = 2.0,
+        discovery: DnsDiscovery | None = None,  # workers found by DNS, besides `addresses`
     ):
-        if not addresses:
-            raise ValueError("WorkerPool needs at least one worker address (host:port)")
+        if not addresses and discovery is None:
+            raise ValueError("WorkerPool needs at least one worker address (host:port) or a discovery")
         unique: dict[str, Endpoint] = {}
         for a in addresses:
             endpoint = a if isinstance(a, Endpoint) else Endpoint(a, token=token, credentials=credentials)
             unique.setdefault(endpoint.address, endpoint)
         self._workers = [_Worker(e) for e in unique.values()]
+        self._leaving: set[_Worker] = set()  # removed, with requests still in flight
+        self._closing: set[asyncio.Task] = set()
+        self._discovery = discovery
         self.retries = retries
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
@@ -170,6 +184,7 @@ class WorkerPool:
         """
         if self._closed:
             raise WorkerUnavailableError("the worker pool is closed")
+        await self._discovered()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout is not None else None
         cost = self._cost(params)
@@ -178,8 +193,13 @@ class WorkerPool:
         full: QueueFullError | None = None
         refused: WorkerAuthError | None = None
         missing: ModelNotFoundError | None = None
+        looked_again = False
         while True:
             worker = await self._pick(tried, params.model)
+            if worker is None and self._discovery is not None and not looked_again:
+                looked_again = True  # the workers may have moved: resolve once more, then decide
+                await self._discovery.refresh()
+                worker = await self._pick(tried, params.model)
             if worker is None:
                 if full is not None:
                     raise full
@@ -221,6 +241,8 @@ class WorkerPool:
             finally:
                 worker.outstanding -= cost
                 worker.in_flight -= 1
+                if worker.removed and worker.in_flight == 0:
+                    self._retire(worker)
 
     async def _call(
         self,
@@ -284,6 +306,49 @@ class WorkerPool:
         order = {w: i for i, w in enumerate(self._workers)}
         return min(candidates, key=lambda w: (w.outstanding, w.in_flight, (order[w] - self._turn) % n))
 
+    # ---- membership ----------------------------------------------------------------------
+
+    @property
+    def addresses(self) -> list[str]:
+        return [w.address for w in self._workers]
+
+    def add(self, endpoint: Endpoint) -> bool:
+        """Take a worker in (it is tried at once, like a worker given at construction).
+        False when a worker of that address is already in the pool."""
+        if self._closed or any(w.address == endpoint.address for w in self._workers):
+            return False
+        self._workers.append(_Worker(endpoint))
+        return True
+
+    def remove(self, address: str) -> bool:
+        """Let a worker go: no new requests; those in flight on it finish (or fail over as
+        usual), then its channel is closed. False when no worker has that address."""
+        worker = next((w for w in self._workers if w.address == address), None)
+        if worker is None:
+            return False
+        self._workers.remove(worker)
+        worker.removed = True
+        if worker.probe is not None:
+            worker.probe.cancel()
+        if worker.in_flight:
+            self._leaving.add(worker)
+        else:
+            self._retire(worker)
+        return True
+
+    def _retire(self, worker: _Worker) -> None:
+        self._leaving.discard(worker)
+        task = asyncio.get_running_loop().create_task(worker.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _discovered(self) -> None:
+        """Start the discovery (inside the running loop) and wait for its first answer."""
+        if self._discovery is not None and not self._closed:
+            if not self._discovery.started:
+                self._discovery.start(self)
+            await self._discovery.first_round()
+
     # ---- health --------------------------------------------------------------------------
 
     def _mark_down(self, worker: _Worker, reason: str) -> None:
@@ -291,7 +356,9 @@ class WorkerPool:
             log.warning("worker %s marked down: %s", worker.address, reason)
             worker.up = False
             worker.failures += 1
-        if (worker.probe is None or worker.probe.done()) and not self._closed:
+        if self._discovery is not None:
+            self._discovery.nudge()  # a replacement may already be in DNS
+        if (worker.probe is None or worker.probe.done()) and not self._closed and not worker.removed:
             worker.probe = asyncio.get_running_loop().create_task(self._probe_until_up(worker))
 
     def _refused(self, worker: _Worker, error: WorkerAuthError) -> WorkerAuthError:
@@ -326,7 +393,7 @@ class WorkerPool:
         return ready
 
     async def _probe_until_up(self, worker: _Worker) -> None:
-        while not self._closed:
+        while not self._closed and not worker.removed:
             await asyncio.sleep(self.probe_interval)
             if await self._probe(worker):
                 return
@@ -334,22 +401,27 @@ class WorkerPool:
     async def ready(self) -> bool:
         """Ask every worker now; True when at least one is ready. Read-only: health endpoints
         (/ready, /metrics) call it, and scraping them must never change where requests go."""
+        await self._discovered()
         return any(await asyncio.gather(*(self._ask_ready(w) for w in self._workers)))
 
     def status(self) -> list[WorkerStatus]:
         return [WorkerStatus(w.address, w.up, w.outstanding, w.in_flight, w.failures) for w in self._workers]
 
     def _describe(self) -> list[str]:
-        return [f"{w.address} {'up' if w.up else 'down'}" for w in self._workers]
+        found = [f"{w.address} {'up' if w.up else 'down'}" for w in self._workers]
+        return found + (self._discovery.describe() if self._discovery is not None else [])
 
     # ---- models and metrics --------------------------------------------------------------
 
     async def models(self) -> list[ModelLimits]:
         """The models the workers serve (each once, as its first answering worker describes it)."""
         found: dict[str, ModelLimits] = {}
+        await self._discovered()
         answered = False
         refused: WorkerAuthError | None = None
         for worker in [w for w in self._workers if w.up]:
+            if worker.removed:  # left while we asked the others
+                continue
             try:
                 index = await worker.stub.RepositoryIndex(
                     pb.RepositoryIndexRequest(ready=True), timeout=self.probe_timeout, metadata=worker.metadata
@@ -379,8 +451,11 @@ class WorkerPool:
 
     async def metrics(self) -> dict[str, dict[str, float]]:
         """Each reachable worker's counters and gauges (WorkerMetrics), by address."""
+        await self._discovered()
         out: dict[str, dict[str, float]] = {}
-        for worker in self._workers:
+        for worker in list(self._workers):
+            if worker.removed:
+                continue
             try:
                 reply = await worker.stub.WorkerMetrics(
                     pb.WorkerMetricsRequest(), timeout=self.probe_timeout, metadata=worker.metadata
@@ -394,7 +469,9 @@ class WorkerPool:
 
     async def close(self) -> None:
         self._closed = True
-        await asyncio.gather(*(w.close() for w in self._workers))
+        if self._discovery is not None:
+            await self._discovery.stop()
+        await asyncio.gather(*(w.close() for w in [*self._workers, *self._leaving]), *self._closing)
 
 
 __all__ = ["Endpoint", "WorkerPool", "WorkerStatus"]
