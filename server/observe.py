@@ -31,15 +31,7 @@ class Observed:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.drain.draining and scope.get("path") not in OPEN_WHILE_DRAINING:
-            self.metrics.requests.inc(route=scope.get("path_template") or "unmatched", method=scope.get("method", ""), status="503")
-            await self.drain.refuse(send)
-            return
-        self.drain.enter()
-        try:
-            await self._observed(scope, receive, send)
-        finally:
-            self.drain.leave()
+        await self._observed(scope, receive, send)
 
     async def _observed(self, scope, receive, send) -> None:
         incoming = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), b"").decode("latin-1")
@@ -55,15 +47,23 @@ class Observed:
                 message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
             await send(message)
 
+        refused = self.drain.draining and scope.get("path") not in OPEN_WHILE_DRAINING
         try:
             size = head_bytes(scope) if self.max_header_bytes is not None else 0
-            if self.max_header_bytes is not None and size > self.max_header_bytes:
+            if refused:  # answered here, with an id and a log line like any other, never admitted
+                await self.drain.refuse(send_with_id)
+            elif self.max_header_bytes is not None and size > self.max_header_bytes:
                 await _answer(send_with_id, head_too_large(size, self.max_header_bytes, _largest(scope)), request_id)
             else:
-                await self.app(scope, receive, send_with_id)
+                self.drain.enter()
+                try:
+                    await self.app(scope, receive, send_with_id)
+                finally:
+                    self.drain.leave()
         finally:
             elapsed = time.perf_counter() - start
-            route = scope.get("path_template") or "unmatched"
+            # Requests refused while draining never reach the router: no route template to name.
+            route = "draining" if refused else scope.get("path_template") or "unmatched"
             method = scope.get("method", "")
             self.metrics.requests.inc(route=route, method=method, status=str(status))
             self.metrics.latency.observe(elapsed, route=route)

@@ -85,6 +85,8 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones_with_503(st
         refused = c.post("/v1/chat/completions", json=chat_body())
     assert refused.status_code == 503 and refused.headers["retry-after"]
     assert refused.json()["error"]["code"] == "service_unavailable"
+    request_id = refused.headers["x-request-id"]  # traced like any other request
+    live.wait_log(f"request_id={request_id} method=POST path=/v1/chat/completions route=draining status=503", timeout=30)
 
     stream.join(120)
     plain.join(120)
