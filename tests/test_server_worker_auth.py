@@ -40,7 +40,8 @@ def wait_serving(proc: subprocess.Popen, log: Path) -> None:
     assert proc.poll() is None, log.read_text()
 
 
-def local_config(package: Path, port: int, images: Path) -> str:
+def config(package: Path, port: int, images: Path, workers: str) -> str:
+    """A kiln.toml serving the tiny model at 64x64 in 2 steps, with the given [workers] lines."""
     return f"""
 [server]
 host = "127.0.0.1"
@@ -53,41 +54,26 @@ default_size = "64x64"
 default_steps = 2
 
 [workers]
-local = 1
+{workers}
+
+[images]
+dir = "{images}"
+"""
+
+
+LOCAL_WORKER = """local = 1
 threads = 1
 max_batch = 1
-warmup_sizes = ["64x64"]
-
-[images]
-dir = "{images}"
-"""
+warmup_sizes = ["64x64"]"""
 
 
-def remote_config(package: Path, port: int, worker: str, images: Path, token: str) -> str:
-    return f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-
-[[models]]
-name = "{MODEL}"
-package = "{package}"
-default_size = "64x64"
-default_steps = 2
-
-[workers]
-local = 0
-remote = ["{worker}"]
-token = "{token}"
-
-[images]
-dir = "{images}"
-"""
+def remote_worker(address: str, token: str) -> str:
+    return f'local = 0\nremote = ["{address}"]\ntoken = "{token}"'
 
 
 def test_kiln_serve_gives_its_local_workers_a_generated_token_they_require(tiny_package, tmp_path):
     port = free_port()
-    proc, log = serve(tmp_path, local_config(tiny_package("sd1"), port, tmp_path / "images"))
+    proc, log = serve(tmp_path, config(tiny_package("sd1"), port, tmp_path / "images", LOCAL_WORKER))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_serving(proc, log)
@@ -119,7 +105,7 @@ def test_a_wrong_worker_token_is_a_503_that_says_so_logged_once(tiny_package, tm
     workers = start_workers(tiny_package("sd1"), token=TOKEN)
     (worker,) = workers.addresses
     port = free_port()
-    proc, log = serve(tmp_path, remote_config(tiny_package("sd1"), port, worker, tmp_path / "images", WRONG))
+    proc, log = serve(tmp_path, config(tiny_package("sd1"), port, tmp_path / "images", remote_worker(worker, WRONG)))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_serving(proc, log)
