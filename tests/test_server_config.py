@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 
 import httpx
@@ -17,6 +16,7 @@ import pytest
 
 from server.config import ConfigError, load_config, parse_config
 from tests._server import ROOT, free_port, wait_ready
+from tests._workers import wait_for
 
 
 @pytest.fixture()
@@ -127,12 +127,8 @@ def test_kiln_serve_quick_start_prints_the_url_and_a_generated_key(package, tmp_
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, 120, proc, log)
+        assert wait_for(lambda: "API key" in log.read_text(), 30)  # the banner follows uvicorn's start
         text = log.read_text()
-        for _ in range(50):  # the banner follows uvicorn's start
-            if "API key" in text:
-                break
-            time.sleep(0.1)
-            text = log.read_text()
         assert f"Kiln is serving on {url}" in text
         key = re.search(r"API key \(generated; set KILN_API_KEYS to choose\): (\S+)", text).group(1)
         r = httpx.post(
