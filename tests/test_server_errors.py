@@ -234,10 +234,9 @@ def test_full_worker_queue_is_429_with_retry_after(live):
                 while '"progress"' not in await lines.__anext__():
                     pass
                 waiting = asyncio.create_task(c.post(CHAT, json=chat(**LONG)))
-                for _ in range(100):
-                    if await queued_images(c) == 2:
-                        break
-                    await asyncio.sleep(0.01)
+                async with asyncio.timeout(60):  # until the worker has both queued (its metric says so)
+                    while await queued_images(c) != 2:
+                        await asyncio.sleep(0.01)
                 try:
                     # a stream is refused before its 200 is sent: a real 429, not an error event
                     refused = await c.post(CHAT, json=chat(stream=True))
@@ -303,7 +302,9 @@ def test_the_error_table_uses_string_or_null_codes_and_openai_types():
     for spec in ERROR_TABLE.values():
         assert spec.code is None or isinstance(spec.code, str)
         assert spec.type in {"invalid_request_error", "rate_limit_error", "server_error"}
-        assert spec.retry_after == (spec.status in (429, 503))
+        # Retry-After with every 429/503 a retry can cure; a deterministic 503 (a worker refusing
+        # our token) tells clients not to retry instead.
+        assert spec.retry_after == (spec.status in (429, 503) and spec.retry is not False)
 
 
 # ---- hostile inputs ---------------------------------------------------------------------------

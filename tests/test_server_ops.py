@@ -55,8 +55,8 @@ def test_access_log_has_one_line_per_request_and_no_secret(live):
         url = c.post("/v1/images/generations", json={"prompt": "x"}).json()["data"][0]["url"]
     image_id = url.rsplit("/", 1)[1].removesuffix(".png")
     httpx.get(url)
-    httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer wrong-but-secret-key"})
-    time.sleep(0.2)
+    httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer wrong-but-secret-key", "x-request-id": "log-check-2"})
+    live.wait_log("request_id=log-check-2 ", timeout=30)  # the last request's line: every earlier one is written
     log = live.log.read_text()
     [line] = [line for line in log.splitlines() if "request_id=log-check-1" in line]
     assert "method=GET path=/v1/models route=/v1/models status=200 duration_ms=" in line
