@@ -16,7 +16,8 @@ export PYTHONUNBUFFERED := 1
 help:
 	@echo "make serve [PORT=8000] [TARGET=cpu|openvino]  start a worker and the API on the bundled model (default: the fastest target installed)"
 	@echo "make test                       run the test suite"
-	@echo "make export MODEL=<dir> [TARGET=cpu|cuda|tensorrt] [NAME=...] [SIZES=512x512,...] [BATCH=1,2,4]"
+	@echo "make export MODEL=<dir|file.safetensors> [TARGET=cpu|cuda|tensorrt] [NAME=...] [SIZES=512x512,...] [BATCH=1,2,4]"
+	@echo "            [VAE=<file|dir>] [PREDICTION_TYPE=epsilon|v_prediction] [DEFAULT_SIZE=512|768] [CONFIG=<dir>]"
 	@echo "make bench                      benchmarks, results under benchmarks/results/"
 	@echo "make soak [DURATION=600] [CONCURRENCY=16]  mixed load on kiln serve: nothing lost, RSS growth < 5 %"
 	@echo "make default-model              retrain the bundled model (about 118 minutes on 2 cores; resumes)"
@@ -35,7 +36,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 export: $(STAMP)
-	$(BIN)/kiln export $(MODEL) --target $(or $(TARGET),cpu) $(if $(NAME),--name $(NAME)) $(if $(SIZES),--sizes $(SIZES)) $(if $(BATCH),--batch $(BATCH))
+	$(BIN)/kiln export $(MODEL) --target $(or $(TARGET),cpu) $(if $(NAME),--name $(NAME)) $(if $(SIZES),--sizes $(SIZES)) $(if $(BATCH),--batch $(BATCH)) \
+		$(if $(VAE),--vae $(VAE)) $(if $(PREDICTION_TYPE),--prediction-type $(PREDICTION_TYPE)) \
+		$(if $(DEFAULT_SIZE),--default-size $(DEFAULT_SIZE)) $(if $(CONFIG),--config $(CONFIG))
 
 info: $(STAMP)
 	$(BIN)/kiln info build/$(notdir $(MODEL))/$(or $(TARGET),cpu)

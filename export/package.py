@@ -1,9 +1,12 @@
-"""Build a model package: checkpoint folder -> build/<name>/<target>/ with a manifest.
+"""Build a model package: checkpoint folder or single file -> build/<name>/<target>/ with a manifest.
 
 Stages, each reported as it runs: inspect (hash) -> load -> ONNX export -> weights split out ->
 target-specific optimisation -> tokenizers -> manifest. The package is assembled in a temporary
 folder and renamed into place, so an interrupted export never leaves a half package behind; an
 unchanged checkpoint (same file hashes, same target and tool versions) is reused unless forced.
+A single-file checkpoint (export/single_file.py) is read into the same diffusers pipeline and goes
+the same way from there; its hashes are the file's and its configs', and a `--vae` override's
+hashes join either kind's.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
@@ -27,6 +32,7 @@ from engine.manifest import (
     write_manifest,
 )
 from export.checkpoint import CheckpointInfo, inspect_checkpoint, sha256_file
+from export.single_file import SingleFile, SingleFileOptions, prepare_single_file
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +189,51 @@ def default_sampling(info: CheckpointInfo, scheduler: dict) -> Defaults:
     return Defaults(sampler="euler", steps=30, guidance_scale=7.5 if info.family != "sdxl" else 5.0)
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def inspect_source(
+    checkpoint: Path, options: SingleFileOptions, vae: Path | None, scratch: Path
+) -> tuple[CheckpointInfo, SingleFile | None]:
+    """Hash and classify a checkpoint folder or single file (+ a VAE override); nothing is loaded."""
+    checkpoint = Path(checkpoint)
+    single = None
+    if checkpoint.is_file() or (not checkpoint.exists() and checkpoint.suffix.lower() in SINGLE_FILE_SUFFIXES):
+        single = prepare_single_file(checkpoint, options, scratch)
+        info = single.info
+    else:
+        if options.given:
+            raise CheckpointError(
+                f"--config, --prediction-type and --default-size are for single-file checkpoints; {checkpoint} is a "
+                f"folder, whose scheduler and UNet configs say these"
+            )
+        info = inspect_checkpoint(checkpoint)
+    if vae is not None:
+        from export.vae_override import vae_hashes
+
+        info = replace(info, file_hashes={**info.file_hashes, **vae_hashes(Path(vae))})
+    return info, single
+
+
+def _load_pipeline(checkpoint: Path, info: CheckpointInfo, single: SingleFile | None, vae: Path | None):
+    if single is not None:
+        from export.single_file import load_single_file_pipeline
+
+        pipeline = load_single_file_pipeline(single, skip_vae=vae is not None)
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(str(checkpoint))
+        except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+            raise CheckpointError(f"diffusers could not load {checkpoint}: {e}") from None
+    if vae is not None:
+        from export.vae_override import load_vae_override
+
+        pipeline.register_modules(vae=load_vae_override(Path(vae), info.path / "vae"))
+    return pipeline
+
+
 def build_package(
     checkpoint: Path,
     out_root: Path = Path("build"),
@@ -192,11 +243,14 @@ def build_package(
     opset: int = DEFAULT_OPSET,
     sizes: tuple[str, ...] = (),
     batches: tuple[int, ...] = (),
+    vae: Path | None = None,
+    single_file: SingleFileOptions | None = None,
 ) -> Path:
-    """Export `checkpoint` for `target`; returns the package folder.
+    """Export `checkpoint` (a diffusers folder or a single .safetensors file) for `target`; returns the package folder.
 
     `sizes` ("WxH") and `batches` (images per batch) are TARGET=tensorrt's: its engines are built
-    per size for that batch range.
+    per size for that batch range. `vae` replaces the checkpoint's VAE (export/vae_override.py);
+    `single_file` says what a single file cannot (export/single_file.py).
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
@@ -204,10 +258,21 @@ def build_package(
 
     target_options = TargetOptions(tuple(sizes), tuple(int(b) for b in batches))
     check_target_tools(target, target_options)
+    scratch = Path(tempfile.mkdtemp(prefix="kiln-export-"))  # a single file's config folder lives here
+    try:
+        return _build(
+            Path(checkpoint), Path(out_root), target, name, force, opset, target_options, vae,
+            single_file or SingleFileOptions(), scratch,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build(checkpoint, out_root, target, name, force, opset, target_options, vae, options, scratch) -> Path:
     stages = Stages(8)
     stages.start(f"inspect {checkpoint}")
-    info = inspect_checkpoint(Path(checkpoint))
-    name = name or Path(checkpoint).resolve().name
+    info, single = inspect_source(checkpoint, options, vae, scratch)
+    name = name or (checkpoint.stem if single else checkpoint.resolve().name)
     out = Path(out_root) / name / target
     stages.done(f"({info.family}, {info.prediction_type}, digest {info.digest[:12]})")
     if not force and _reusable(out, info, target, target_options.recorded()):
@@ -218,13 +283,8 @@ def build_package(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        stages.start("load the checkpoint with diffusers")
-        from diffusers import DiffusionPipeline
-
-        try:
-            pipeline = DiffusionPipeline.from_pretrained(str(checkpoint))
-        except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
-            raise CheckpointError(f"diffusers could not load {checkpoint}: {e}") from None
+        stages.start("load the checkpoint with diffusers" + (" (single file)" if single else ""))
+        pipeline = _load_pipeline(checkpoint, info, single, vae)
         vae_config = pipeline.vae.config
         in_channels = unet_in_channels(pipeline.unet.config, int(vae_config.latent_channels))  # refuse before exporting
         latents_mean, latents_std = vae_latent_stats(vae_config, info.family)
@@ -284,7 +344,7 @@ def build_package(
             unet_in_channels=in_channels,
             vae_latents_mean=latents_mean,
             vae_latents_std=latents_std,
-            source_path=str(info.path.resolve()),
+            source_path=str((single.file if single else info.path).resolve()),
             extra={**result.extra, **({"export_options": target_options.recorded()} if target_options.recorded() else {})},
         )
         from export.targets import finish_for_target

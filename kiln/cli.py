@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,10 @@ EXTRAS = {
 
 
 def _export(args) -> int:
+    # Everything an export reads is local; huggingface_hub must not reach for the network (it reads this at import).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from export.package import build_package
+    from export.single_file import SingleFileOptions
 
     out = build_package(
         Path(args.model),
@@ -31,6 +35,12 @@ def _export(args) -> int:
         force=args.force,
         sizes=tuple(filter(None, args.sizes.split(","))),
         batches=tuple(int(b) for b in args.batch.split(",") if b),
+        vae=Path(args.vae) if args.vae else None,
+        single_file=SingleFileOptions(
+            config=Path(args.config) if args.config else None,
+            prediction_type=args.prediction_type,
+            default_size=args.default_size,
+        ),
     )
     print(out)
     return 0
@@ -95,10 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("export", help="export a local diffusers checkpoint to a model package")
-    p.add_argument("model", help="local diffusers checkpoint folder")
+    p = sub.add_parser("export", help="export a local diffusers checkpoint or single .safetensors file to a model package")
+    p.add_argument("model", help="local diffusers checkpoint folder, or a single-file checkpoint (model.safetensors)")
     p.add_argument("--target", default="cpu", help="cpu (default), openvino (fast CPU), cuda or tensorrt")
-    p.add_argument("--name", default=None, help="package name (default: the folder's name)")
+    p.add_argument("--name", default=None, help="package name (default: the folder's name, or the file's without .safetensors)")
+    p.add_argument("--vae", default=None, help="replace the checkpoint's VAE: a .safetensors file or a diffusers folder")
+    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                   help="single file: what the model predicts (required for SD 2.x: v_prediction for 768-v, epsilon for base)")
+    p.add_argument("--default-size", type=int, default=None, metavar="SIDE",
+                   help="single file: the native side in pixels (required for SD 2.x: 768 for 768-v, 512 for base)")
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="single file: a diffusers folder whose configs and tokenizers describe it (default: the "
+                        "detected family's, from the repo)")
     p.add_argument("--out", default=str(home()), help=f"where packages go (default: {home()})")
     p.add_argument("--force", action="store_true", help="rebuild even if the checkpoint is unchanged")
     p.add_argument("--sizes", default="", help="tensorrt: WxH[,WxH...] to build engines for")
