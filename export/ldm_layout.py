@@ -182,6 +182,7 @@ def _open_clip_key(key: str) -> Source:
         return Source("text_projection", transpose=True)
     if m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)", key):
         return Source(f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}", part="qkv".index(m[2]))
-    if m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(layer_norm1|layer_norm2|mlp\.fc1|mlp\.fc2|self_attn\.out_proj)\.(.+)", key):
+    layer_part = r"(layer_norm1|layer_norm2|mlp\.fc1|mlp\.fc2|self_attn\.out_proj)"
+    if m := re.fullmatch(rf"text_model\.encoder\.layers\.(\d+)\.{layer_part}\.(.+)", key):
         return Source(f"transformer.resblocks.{m[1]}.{_OPEN_CLIP_LAYER[m[2]]}.{m[3]}")
     raise KeyError(f"text encoder weight {key} has no place in OpenCLIP's layout")

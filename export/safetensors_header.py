@@ -38,9 +38,12 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-def _refuse_pickle(path: Path, head: bytes) -> None:
-    # torch.save writes a zip archive (PK\x03\x04) since 1.6, a bare pickle (protocol byte 0x80) before.
-    if path.suffix.lower() in PICKLE_SUFFIXES or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+def _refuse_pickle(path: Path, head: bytes | None = None) -> None:
+    """Refuse a pickle by its suffix, or (head given: the file is not valid safetensors) by its first bytes."""
+    # torch.save writes a zip archive (PK\x03\x04) since 1.6, a bare pickle (0x80, protocol 2-5) before.
+    pickle_starts = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    looks_pickled = head is not None and head.startswith(pickle_starts)
+    if path.suffix.lower() in PICKLE_SUFFIXES or looks_pickled:
         raise CheckpointError(
             f"{path} is a pickled PyTorch checkpoint: loading a pickle can run arbitrary code, so Kiln does not "
             f"load one; {CONVERT_HINT}"
@@ -55,10 +58,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        _refuse_pickle(path, head)
+        _refuse_pickle(path)
         if len(head) < 8:
             raise CheckpointError(f"{path} is {size} bytes: too short to be a .safetensors file")
         (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            _refuse_pickle(path, head)
         if n > MAX_HEADER_BYTES:
             raise CheckpointError(
                 f"{path} is not a .safetensors file: its first 8 bytes give a {n}-byte header (more than the "
@@ -70,6 +75,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        _refuse_pickle(path, head)
         raise CheckpointError(f"{path} is not a .safetensors file: its header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a .safetensors file: its header is not a JSON object")
