@@ -41,7 +41,7 @@ export: $(STAMP)
 		$(if $(DEFAULT_SIZE),--default-size $(DEFAULT_SIZE)) $(if $(CONFIG),--config $(CONFIG))
 
 info: $(STAMP)
-	$(BIN)/kiln info build/$(notdir $(MODEL))/$(or $(TARGET),cpu)
+	$(BIN)/kiln info build/$(if $(filter %.safetensors,$(MODEL)),$(basename $(notdir $(MODEL))),$(notdir $(MODEL)))/$(or $(TARGET),cpu)
 
 serve: $(STAMP)
 	$(BIN)/kiln serve --port $(PORT) --model $(MODEL) --target $(or $(TARGET),auto)
