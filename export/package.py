@@ -112,9 +112,34 @@ def split_weights(model_path: Path) -> Component:
     )
 
 
+def _renamed_weights(model) -> dict[str, tuple[str, bool]]:
+    """initializer -> (torch parameter, transposed) for the weights the ONNX export renamed.
+
+    The torch exporter stores a Linear's weight (out, in) transposed, (in, out), as the MatMul's
+    second input under a generated name (`onnx::MatMul_1641`); the MatMul node keeps the module's
+    scope (`/down_blocks.0/attentions.0/transformer_blocks.0/attn1/to_q/MatMul`), which names the
+    parameter. LoRA deltas (engine/lora/) are addressed by parameter, so the name is recorded here.
+    """
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or not node.name.startswith("/"):
+            continue
+        module = ".".join(node.name.strip("/").split("/")[:-1])
+        if module:
+            consumers.setdefault(node.input[1], set()).add(module)
+    found = {}
+    for init in model.graph.initializer:
+        modules = consumers.get(init.name, set())
+        if init.name.startswith("onnx::") and len(modules) == 1 and len(init.dims) == 2:
+            found[init.name] = (f"{modules.pop()}.weight", True)
+    return found
+
+
 def _write_weights_index(model, path: Path) -> None:
     """name -> dtype, shape, offset, length of each external initializer, so the engine can map
-    weights.bin without parsing protobuf (the serving install has no `onnx` package)."""
+    weights.bin without parsing protobuf (the serving install has no `onnx` package). A renamed
+    weight also says which torch parameter it is (`param`) and whether it is stored transposed."""
+    renamed = _renamed_weights(model)
     index = {}
     for init in model.graph.initializer:
         location = {kv.key: kv.value for kv in init.external_data}
@@ -126,6 +151,9 @@ def _write_weights_index(model, path: Path) -> None:
             "offset": int(location.get("offset", 0)),
             "length": int(location["length"]),
         }
+        if init.name in renamed:
+            param, transposed = renamed[init.name]
+            index[init.name].update(param=param, transposed=transposed)
     path.write_text(json.dumps(index))
 
 

@@ -1,4 +1,4 @@
-"""`kiln <command>`: export, generate, info, worker, serve."""
+"""`kiln <command>`: export, generate, info, lora, worker, serve."""
 
 from __future__ import annotations
 
@@ -88,6 +88,22 @@ def _info(args) -> int:
     return 0
 
 
+def _lora(args) -> int:
+    from engine.lora import add_lora, list_loras, remove_lora
+
+    package = Path(args.package)
+    if args.lora_command == "add":
+        entry = add_lora(package, Path(args.file), args.name)
+        print(f"{entry.name}: {entry.layout} LoRA, {entry.weights} weights of {', '.join(entry.components)} -> {package / entry.file}")
+    elif args.lora_command == "list":
+        for entry in list_loras(package).values():
+            print(f"{entry.name}\t{entry.layout}\t{entry.weights} weights\t{','.join(entry.components)}\t{entry.source}")
+    else:
+        entry = remove_lora(package, args.name)
+        print(f"removed {entry.name}")
+    return 0
+
+
 def _worker(args) -> int:
     from engine.worker.main import main as worker_main
 
@@ -138,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a package's manifest as a table")
     p.add_argument("package")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("lora", help="store LoRAs with a package (served by name: <lora:NAME:0.8> in a prompt)")
+    lora = p.add_subparsers(dest="lora_command", required=True)
+    q = lora.add_parser("add", help="check a LoRA .safetensors file against the package and store it")
+    q.add_argument("package")
+    q.add_argument("file", help="LoRA file: kohya/A1111 (lora_unet_..., lora_te_...) or diffusers/PEFT (unet....lora_A)")
+    q.add_argument("--name", required=True, help="what a request calls it: <lora:NAME:0.8>")
+    q = lora.add_parser("list", help="the LoRAs stored with the package")
+    q.add_argument("package")
+    q = lora.add_parser("remove", help="remove a stored LoRA")
+    q.add_argument("package")
+    q.add_argument("name")
+    p.set_defaults(func=_lora)
 
     for name, func, text in (("worker", _worker, "run a gRPC engine worker"), ("serve", _serve, "run the HTTP front end")):
         p = sub.add_parser(name, help=text, add_help=False)
