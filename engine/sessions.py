@@ -81,6 +81,13 @@ class RuntimeOptions:
     # AVX512-BF16 or AMX — else fp32), "f32" forces fp32 (closest to diffusers), "bf16" refuses
     # to load on a CPU without it.
     openvino_precision: str = field(default_factory=lambda: os.environ.get("KILN_OPENVINO_PRECISION", "auto"))
+    # `openvino` packages only: compiled kernels OpenVINO's CPU plugin keeps per input shape, per
+    # component (its CPU_RUNTIME_CACHE_CAPACITY, least recently used dropped; OpenVINO's own
+    # default is 5000). One compiled model serves every size, but each new shape adds kernels:
+    # the tiny SD 1.x model over 200 sizes grew to 1,053 MiB with 5000, 644 MiB with 1000. On the
+    # bundled model a UNet shape takes about a dozen entries: 16 shapes in turn ran as fast with
+    # 200 as with 5000 (58 vs 56 ms a call), 2x slower with 100, 3.7x with 0.
+    openvino_cache_entries: int = 1000
     # Fixed-shape sessions kept per component besides the warm-up sizes (pinned for good), least
     # recently used evicted first. Each size costs its own graph, kernels and memory plan on top
     # of the shared weights (SD 1.5: about 250 MB), and sizes are the client's choice. A worker
@@ -97,6 +104,8 @@ class RuntimeOptions:
             raise ValueError(
                 f"max_sessions ({MAX_SESSIONS_ENV}) must be at least 1 session per component, got {self.max_sessions!r}"
             )
+        if self.openvino_cache_entries < 0:
+            raise ValueError(f"openvino_cache_entries must be 0 or more, got {self.openvino_cache_entries}")
 
 
 _arena_lock = threading.Lock()

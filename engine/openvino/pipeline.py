@@ -40,7 +40,13 @@ class OpenVINOPipeline(Pipeline):
                 f"bf16 was asked for, but this CPU ({self.core.get_property('CPU', 'FULL_DEVICE_NAME')}) has no native "
                 f"bf16 (AVX512-BF16 or AMX); use precision auto or f32"
             )
-        self.ov_config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        # The kernel cache per shape is bounded (RuntimeOptions.openvino_cache_entries): one
+        # compiled model takes every size, and the sizes are the client's choice.
+        self.ov_config = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            "CPU_RUNTIME_CACHE_CAPACITY": int(self.options.openvino_cache_entries),
+        }
         if self.options.threads:
             self.ov_config["INFERENCE_NUM_THREADS"] = self.options.threads
         if wanted != "auto":

@@ -2,7 +2,8 @@
 
 One compiled model per component serves every resolution and batch (dynamic shapes): OpenVINO
 caches kernels per input shape itself, so unlike onnxruntime there is nothing to specialise per
-size and the weights are held once. The IR's fp16 weights are mapped from model.bin and
+size and the weights are held once. That cache grows with every new shape; it is bounded by
+`CPU_RUNTIME_CACHE_CAPACITY` (RuntimeOptions.openvino_cache_entries, engine/openvino/pipeline.py). The IR's fp16 weights are mapped from model.bin and
 converted once, at compile, to what the kernels read (bf16 or fp32 in blocked layouts).
 """
 
