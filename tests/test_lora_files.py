@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CACHE
 
 torch = pytest.importorskip("torch")
 
@@ -35,11 +34,9 @@ TE_MODULES = ("self_attn.q_proj", "self_attn.out_proj", "mlp.fc1")
 
 
 @pytest.fixture(scope="module")
-def lora_package(tiny_checkpoint):
-    """The tiny package exported with the parameter names of its MatMul weights recorded."""
-    from export.package import build_package
-
-    return lambda family: build_package(tiny_checkpoint(family), CACHE / "packages-lora", target="cpu", name=family)
+def lora_package(tiny_package):
+    """The tiny package (export revision 5 records the parameter names of its MatMul weights)."""
+    return tiny_package
 
 
 @pytest.fixture(scope="module")
