@@ -75,6 +75,9 @@ class WorkersConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Empty: the workers inherit this process's environment.
     devices: list[str] = msgspec.field(default_factory=list)
     start_timeout_s: float = 300.0
+    # Fixed-shape sessions each local worker keeps per component besides the warm-up sizes (least
+    # recently used evicted). None: the worker's default (4, or KILN_MAX_SESSIONS).
+    session_cache: int | None = None
     # Shared secret every worker RPC must carry (gRPC metadata). KILN_WORKER_TOKEN in the
     # environment replaces it. Empty: local workers get a random one per start; remote workers
     # must then be started without a token (loopback only).
@@ -243,6 +246,8 @@ def validate(config: Config, source: str = "config") -> None:
     for size in w.warmup_sizes:
         if not SIZE_RE.match(size):
             raise bad("workers.warmup_sizes", f"entries look like 256x256, got {size!r}")
+    if w.session_cache is not None and w.session_cache < 1:
+        raise bad("workers.session_cache", f"must be at least 1, got {w.session_cache}")
     if w.start_timeout_s <= 0:
         raise bad("workers.start_timeout_s", f"must be positive, got {w.start_timeout_s}")
     for addr in w.remote:

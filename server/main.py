@@ -181,6 +181,7 @@ def serve(config: Config, generated_key: bool) -> int:
             warmup_sizes=w.warmup_sizes,
             batching=w.batching,
             threads=w.threads,
+            session_cache=w.session_cache,
             devices=w.devices or None,
             # A worker signalled with the front end (a process group, a container) keeps serving
             # what it accepted for longer than the front end drains.

@@ -56,6 +56,7 @@ def test_example_config_is_valid(package, tmp_path):
         ({"workers": {"tls_ca_file": "/no/such/ca.pem"}}, "workers.tls_ca_file"),
         ({"workers": {"models_refresh_s": 0}}, "workers.models_refresh_s"),
         ({"images": {"max_bytes": -1}}, "images.max_bytes"),
+        ({"workers": {"session_cache": 0}}, "workers.session_cache"),
     ],
 )
 def test_a_bad_setting_is_refused_naming_it(package, sections, setting):

@@ -277,3 +277,27 @@ def test_without_batching_a_new_size_waits_for_its_build_then_runs(make_pipe):
             assert recorder.done.wait(GUARD_S) and isinstance(recorder.events[-1], JobResult)
     finally:
         scheduler.close()
+
+
+def test_a_worker_started_with_session_cache_keeps_that_many_sizes(tiny_package, tmp_path):
+    """`kiln worker --session-cache 1` (what `workers.session_cache` sets): three new sizes, one kept
+    per component beside the pinned warm-up size, the others evicted."""
+    from engine.client.pool import WorkerPool
+    from engine.client.types import ImageRequest as Request
+    from tests._workers import arun, metrics, start_workers
+
+    workers = start_workers(tiny_package("sd1"), log_dir=tmp_path, session_cache=1, restart=False)
+    try:
+
+        async def run():
+            async with WorkerPool(workers.addresses) as pool:
+                for width in (72, 80, 88):  # one at a time: each waits for its own sessions
+                    await pool.generate(Request(model="sd1", prompt="a dot", width=width, height=64, seed=0, steps=1), timeout=120)
+
+        arun(run())
+        values = metrics(workers.addresses[0])
+    finally:
+        workers.stop()
+    components = 2  # the UNet and the VAE decoder of each drawn size
+    assert values["sessions_cached"] - values["sessions_pinned"] <= components
+    assert values["session_evictions"] >= 2 * components, values

@@ -114,6 +114,7 @@ class LocalWorkers:
         threads: int = 0,
         devices: Sequence[str] | None = None,  # CUDA_VISIBLE_DEVICES of worker i = devices[i]
         drain_timeout: float = 30.0,
+        session_cache: int | None = None,  # --session-cache; None: the worker's default
         extra_args: Sequence[str] = (),
         log_dir: str | Path | None = None,  # default: workers log to this process's stderr
         restart: bool = True,  # restart a worker that exits while not being stopped
@@ -140,6 +141,8 @@ class LocalWorkers:
             self.options += ["--warmup-size", ",".join(warmup_sizes)]
         if not batching:
             self.options.append("--no-batching")
+        if session_cache is not None:
+            self.options += ["--session-cache", str(session_cache)]
         self.options += list(extra_args)
         self.devices = list(devices) if devices is not None else None
         self.log_dir = Path(log_dir) if log_dir else None

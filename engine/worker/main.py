@@ -2,7 +2,7 @@
 
     kiln worker --package build/<name>/<target> [--package ...] --listen 127.0.0.1:50051
                 [--max-batch 8] [--max-queue 64] [--warmup-size 256x256[,512x512]] [--no-batching]
-                [--threads 0] [--drain-timeout 30] [--ready-file PATH]
+                [--threads 0] [--drain-timeout 30] [--session-cache 4] [--ready-file PATH]
                 [--token-file PATH] [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
 
 The worker token comes from KILN_WORKER_TOKEN or --token-file, never from an option's value (the
@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-batching", action="store_true", help="one request at a time (for comparison)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads per session (0: one per core)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish accepted work on SIGTERM")
+    p.add_argument(
+        "--session-cache",
+        type=int,
+        default=None,
+        help="fixed-shape sessions kept per component besides the warm-up sizes (default 4, or KILN_MAX_SESSIONS)",
+    )
     p.add_argument("--ready-file", default=None, help="write host:port here once ready")
     p.add_argument(
         "--token-file",
@@ -112,6 +118,8 @@ def parse_config(argv: list[str], env: Mapping[str, str] | None = None) -> Worke
         parser.error(f"--threads must be 0 (onnxruntime's default) or more, got {a.threads}")
     if a.drain_timeout <= 0:
         parser.error(f"--drain-timeout must be a positive number of seconds, got {a.drain_timeout}")
+    if a.session_cache is not None and a.session_cache < 1:
+        parser.error(f"--session-cache must be at least 1, got {a.session_cache}")
     sizes = []
     for text in filter(None, (s.strip() for s in a.warmup_size.split(","))):
         try:
@@ -135,6 +143,7 @@ def parse_config(argv: list[str], env: Mapping[str, str] | None = None) -> Worke
         warmup_sizes=tuple(sizes),
         threads=a.threads,
         drain_timeout=a.drain_timeout,
+        session_cache=a.session_cache,
         ready_file=Path(a.ready_file) if a.ready_file else None,
         token=token,
         tls=tls,

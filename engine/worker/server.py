@@ -69,6 +69,7 @@ class WorkerConfig:
     warmup_sizes: tuple[tuple[int, int], ...] = ()  # empty: each package's default size
     threads: int = 0  # onnxruntime intra-op threads; 0: its default
     drain_timeout: float = 30.0
+    session_cache: int | None = None  # fixed-shape sessions per component beyond warm-up; None: RuntimeOptions' default
     ready_file: Path | None = None  # written with "host:port" once ready (LocalWorkers waits on it)
     token: str | None = field(default=None, repr=False)  # every RPC but health must carry it; a secret
     tls: ServerTLS | None = None  # None: plaintext
@@ -246,7 +247,8 @@ def load_and_warm_up(config: WorkerConfig) -> tuple[dict[str, Pipeline], Schedul
     pipelines: dict[str, Pipeline] = {}
     for path in config.packages:
         try:
-            pipe = Pipeline(path, RuntimeOptions(threads=config.threads))
+            sessions = {"max_sessions": config.session_cache} if config.session_cache else {}  # None: KILN_MAX_SESSIONS or 4
+            pipe = Pipeline(path, RuntimeOptions(threads=config.threads, **sessions))
         except KilnError as e:
             raise StartupError(f"cannot load --package {path}: {e}") from None
         name = pipe.manifest.name
