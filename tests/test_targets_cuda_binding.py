@@ -116,6 +116,19 @@ def test_cuda_graph_ids_go_to_the_first_shapes_and_never_to_a_first_run(tiny_pac
     assert [k[1][1] for k in vae.graph_keys] == [(1, 4, 8, 8), (1, 4, 10, 10)]
 
 
+def test_bindings_without_a_graph_are_bounded_least_recently_used_first(tiny_package):
+    package = tiny_package("sd1")
+    session = ort.InferenceSession(str(package / "vae_decoder" / "model.onnx"))
+    vae = BoundComponent("vae_decoder", lambda _d: session, ["latent_sample"], ["sample"], device="cpu", graph_slots=1, max_bound=2)
+    for side in (8, 10, 12, 10, 14):  # 8 takes the graph slot (kept for good); 12 is the least recent when 14 comes
+        out = vae.run({"latent_sample": np.ones((1, 4, side, side), np.float32)})
+        assert out[0].shape[-1] == side * 8
+    sides = [k[1][1][-1] for k in vae.loaded_shapes]
+    assert sorted(sides) == [8, 10, 14] and vae.stats.evictions == 1
+    again = vae.run({"latent_sample": np.ones((1, 4, 12, 12), np.float32)})  # rebound on demand
+    assert again[0].shape[-1] == 96 and vae.stats.evictions == 2
+
+
 def test_cuda_provider_options():
     options = cuda_provider_options(GpuOptions(device_id=1, gpu_mem_limit_gib=2), cuda_graph=True)
     assert options["device_id"] == "1"

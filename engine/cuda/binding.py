@@ -11,6 +11,11 @@ allocates them), after which fixed output buffers are bound, and from the second
 may run as a CUDA graph (`gpu_graph_id` run option; onnxruntime captures it on first use and
 replays it after). Only what the caller needs on the host is copied back (`OrtValue.numpy()`).
 
+Keys are the client's choice (any size), so the bindings are bounded: at most `max_bound` keys
+that run without a graph are kept, least recently used dropped first (their device buffers go
+with them). Keys with a CUDA graph are kept for good: onnxruntime frees no captured graph, and
+`graph_slots` already bounds them.
+
 The same code runs on the CPU execution provider with `device="cpu"`, which is how it is tested
 without a GPU; CUDA graphs exist on CUDA only.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,6 +50,7 @@ class BindingStats:
     copy_in_s: float = 0.0
     run_s: float = 0.0
     copy_out_s: float = 0.0
+    evictions: int = 0  # bindings dropped to stay within max_bound
 
     def reset(self) -> None:
         for name, value in vars(BindingStats()).items():
@@ -73,6 +80,7 @@ class BoundComponent:
         device: str = "cuda",
         device_id: int = 0,
         graph_slots: int = 0,
+        max_bound: int = 8,
     ):
         """`session_for(fixed_dims)` gives the session to run (one per resolution on CPU, one for
         all on CUDA). `graph_slots`: how many keys may run as CUDA graphs; give them only for a
@@ -83,10 +91,11 @@ class BoundComponent:
         self.device = device
         self.device_id = device_id
         self.graph_slots = graph_slots
+        self.max_bound = max_bound  # keys without a graph kept bound (least recently used dropped)
         self.input_names = list(input_names)
         self.output_names = list(output_names)
         self._graphs_used = 0
-        self._bound: dict[tuple, _Bound] = {}
+        self._bound: OrderedDict[tuple, _Bound] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self.stats = BindingStats()
 
@@ -108,6 +117,7 @@ class BoundComponent:
         key = (id(session), *((n, feeds[n].shape, feeds[n].dtype.str) for n in self.input_names))
         with self._lock:  # one run at a time per component: the buffers are shared state
             bound = self._bound.get(key) or self._bind(key, session, feeds)
+            self._bound.move_to_end(key)
             t0 = time.perf_counter()
             self._copy_in(bound, feeds)
             t1 = time.perf_counter()
@@ -154,6 +164,11 @@ class BoundComponent:
             self._graphs_used += 1
             log.info("%s: CUDA graph %d for %s", self.name, bound.graph_id, _describe(key))
         self._bound[key] = bound
+        unpinned = [k for k, b in self._bound.items() if b.graph_id < 0]
+        for old in unpinned[: max(0, len(unpinned) - self.max_bound)]:
+            del self._bound[old]  # its IOBinding and device buffers are freed with it
+            self.stats.evictions += 1
+            log.debug("%s: dropped the binding of %s (least recently used)", self.name, _describe(old))
         return bound
 
     def _copy_in(self, bound: _Bound, feeds: dict[str, np.ndarray]) -> None:

@@ -134,6 +134,7 @@ class CudaPipeline(BoundPipeline):
         return BoundComponent(
             name, lambda _dims: session, *_io_names(self.manifest.components[name]),
             device="cuda", device_id=gpu.device_id, graph_slots=graphs,
+            max_bound=self.options.max_sessions,  # the same bound as the CPU's sessions per size
         )
 
     def _cuda_session(self, name: str, cuda_graph: bool) -> ort.InferenceSession:
