@@ -1,41 +1,26 @@
-"""Read and check a .safetensors file's header without loading a tensor (and without torch).
+"""A checkpoint file's tensors, by name, read from its header without loading a weight (or torch).
 
-Format (https://github.com/huggingface/safetensors#format): 8 bytes little-endian header length N,
-N bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`,
-then the tensor bytes, offsets relative to the end of the header. The checks here are the ones
-that let a bad file be refused by name before any weight is read: a pickle passed as a
-checkpoint, a file cut short, a header that is not JSON, and a header whose sizes do not add up.
+The format's own checks (a file cut short, a header that is not JSON, sizes that do not add up)
+are engine/safetensors_format.py's; this adds the one a checkpoint needs first: a pickle passed as
+a checkpoint is refused by name, with the command that converts it.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
+from engine import safetensors_format
 from engine.errors import CheckpointError
+from engine.safetensors_format import TensorInfo
 
-DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+__all__ = ["TensorInfo", "read_header"]
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 CONVERT_HINT = (
     "convert it once, in an environment you trust, with: python -c \"import torch, safetensors.torch as st; "
     "sd = torch.load('MODEL.ckpt', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
     "st.save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, 'MODEL.safetensors')\""
 )
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
 
 
 def _refuse_pickle(path: Path, head: bytes | None = None) -> None:
@@ -55,54 +40,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist or is not a file")
-    size = path.stat().st_size
+    _refuse_pickle(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        _refuse_pickle(path)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is {size} bytes: too short to be a .safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            _refuse_pickle(path, head)
-        if n > MAX_HEADER_BYTES:
-            raise CheckpointError(
-                f"{path} is not a .safetensors file: its first 8 bytes give a {n}-byte header (more than the "
-                f"format's {MAX_HEADER_BYTES}-byte limit)"
-            )
-        if 8 + n > size:
-            raise CheckpointError(f"{path} is truncated: its header alone should be {n} bytes, the file is {size}")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        _refuse_pickle(path, head)
-        raise CheckpointError(f"{path} is not a .safetensors file: its header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a .safetensors file: its header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_bytes = size - 8 - n
-    tensors: dict[str, TensorInfo] = {}
-    end_of_data = 0
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{path}: the header's entry for {name} is malformed: {entry!r}") from None
-        if dtype not in DTYPE_BYTES:
-            raise CheckpointError(f"{path}: tensor {name} has unknown dtype {dtype!r}")
-        expected = math.prod(shape) * DTYPE_BYTES[dtype]
-        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != expected or begin < 0:
-            raise CheckpointError(
-                f"{path}: the header lies about tensor {name}: {dtype} {list(shape)} is {expected} bytes, "
-                f"its offsets {begin}..{end} span {end - begin}"
-            )
-        end_of_data = max(end_of_data, end)
-        tensors[name] = TensorInfo(dtype, shape)
-    if end_of_data > data_bytes:
-        raise CheckpointError(
-            f"{path} is truncated: its header places tensor data up to byte {end_of_data} after the header, "
-            f"the file holds {data_bytes}"
+        header = safetensors_format.read_header(
+            f, path, path.stat().st_size, CheckpointError, not_safetensors=lambda head: _refuse_pickle(path, head)
         )
-    if not tensors:
-        raise CheckpointError(f"{path} holds no tensors")
-    return tensors
+    return header.tensors
