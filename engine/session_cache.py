@@ -132,11 +132,12 @@ class SessionCache(Generic[S]):
 
     # ---- the scheduler's path ------------------------------------------------------------
 
-    def hold(self, key: Key) -> Lease | None:
-        """Hold `key`'s session if it is cached (the caller admits a request that will use it)."""
+    def hold(self, key: Key, pinned_only: bool = False) -> Lease | None:
+        """Hold `key`'s session if it is cached (the caller admits a request that will use it).
+        `pinned_only`: only if it is pinned (holding a pinned entry never keeps room from a build)."""
         with self._lock:
             entry = self._entries.get(key)
-            if entry is None:
+            if entry is None or (pinned_only and not entry.pinned):
                 return None
             entry.holders += 1
             self._entries.move_to_end(key)

@@ -158,11 +158,16 @@ class Recorder:
     def __init__(self):
         self.events: list = []
         self.done = threading.Event()
+        self.progressed = threading.Event()  # a step ran (with progress=True)
+        self.finished_at = 0.0
 
     def __call__(self, event) -> None:
         self.events.append(event)
         if isinstance(event, (JobResult, JobFailed)):
+            self.finished_at = time.monotonic()
             self.done.set()
+        else:
+            self.progressed.set()
 
 
 def submit(scheduler: Scheduler, width: int, steps: int, progress: bool = False) -> Recorder:
@@ -277,6 +282,29 @@ def test_without_batching_a_new_size_waits_for_its_build_then_runs(make_pipe):
             assert recorder.done.wait(GUARD_S) and isinstance(recorder.events[-1], JobResult)
     finally:
         scheduler.close()
+
+
+@pytest.mark.parametrize("batching", [False, True])
+def test_a_request_for_a_new_size_is_not_overtaken_by_later_ones_holding_its_room(make_pipe, batching):
+    """One slot: A (72 wide) runs, W (80) waits for the room A's size holds, then X (72) arrives.
+    X must not hold A's size while it waits behind W: without batching that left W without room
+    for good (a deadlock); with batching a stream of such requests could starve W."""
+    pipe = make_pipe(max_sessions=1)
+    scheduler = Scheduler({"sd1": pipe}, max_batch=4, batching=batching)
+    scheduler.start()
+    finished: list[str] = []
+    try:
+        running = submit(scheduler, 72, steps=20, progress=True)
+        assert running.progressed.wait(GUARD_S)  # admitted and stepping: it holds its size
+        new_size, later = submit(scheduler, 80, steps=1), submit(scheduler, 72, steps=1)
+        for name, recorder in (("running", running), ("new size", new_size), ("later", later)):
+            assert recorder.done.wait(GUARD_S), f"{name} never finished"
+            assert isinstance(recorder.events[-1], JobResult), recorder.events[-1]
+        recorders = {"running": running, "new size": new_size, "later": later}
+        finished = sorted(recorders, key=lambda name: recorders[name].finished_at)
+    finally:
+        scheduler.close()
+    assert finished == ["running", "new size", "later"]  # oldest first
 
 
 def test_a_worker_started_with_session_cache_keeps_that_many_sizes(tiny_package, tmp_path):

@@ -437,25 +437,31 @@ class Scheduler:
 
         Only the oldest waiting request builds: with two building, one's finished session is idle
         until its other components are built too, and the other's build could evict it to make
-        room (and so on, back and forth, with a small `max_sessions`)."""
+        room (and so on, back and forth, with a small `max_sessions`). Behind an oldest request
+        still missing sessions, later ones take only pinned (warm-up) sessions: were they to hold
+        other sizes, a steady stream of them could keep every slot busy and the oldest request
+        would never get the room for its build. Without batching nothing is admitted past the
+        first request, so nothing behind it holds anything."""
         failed = []
-        may_build = True
+        behind = False  # an older request is still missing sessions
         for job in waiting:
             if job.leases is None and not job.finished:
-                error = self._claim(job, may_build)
+                error = self._claim(job, may_build=not behind, pinned_only=behind)
                 if error is not None:
                     failed.append((job, error))
                 elif job.leases is None:
-                    may_build = False
+                    behind = True
+            if behind and not self.batching:
+                break
         return failed
 
-    def _claim(self, job: Job, may_build: bool) -> BaseException | None:
+    def _claim(self, job: Job, may_build: bool, pinned_only: bool = False) -> BaseException | None:
         """Hold every session `job` needs, or none: a request holding some while it waits for
         others could keep another request from the room its own build needs, and both would wait."""
         leases: list[Lease] = []
         ready = True
         for cache, key in self.pipelines[job.model].session_keys(job.request):
-            lease = cache.hold(key)
+            lease = cache.hold(key, pinned_only)
             if lease is not None:
                 leases.append(lease)
                 continue
