@@ -99,6 +99,10 @@ class ModelRegistry:
             await asyncio.sleep(self.refresh_interval_s)
             try:
                 await self.refresh()
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # our own cancellation (shutdown): stop
+                    raise
+                log.info("a refresh of the workers' models was cancelled under us; trying again next round")
             except Exception as e:  # workers down: keep what we know, the pool answers 503
                 log.info("could not refresh the workers' models: %s: %s", type(e).__name__, e)
 
@@ -108,7 +112,13 @@ class ModelRegistry:
         if worker_model not in self._info:
             missing_since = self._missing_since.get(worker_model)
             if missing_since is None or time.monotonic() - missing_since >= self.negative_ttl_s:
-                await self.refresh()
+                try:
+                    await self.refresh()
+                except Exception:
+                    # A failed round is a miss too: without this, every request for the model
+                    # would ask every worker again (all refusing our token, say).
+                    self._missing_since[worker_model] = time.monotonic()
+                    raise
         info = self._info.get(worker_model)
         if info is None:
             raise WorkerUnavailableError(f"no ready worker serves model '{name}' ({worker_model}) right now")

@@ -138,3 +138,39 @@ def test_kill_9_mid_batch_retries_on_the_other_worker_and_brings_it_back(own_wor
     assert max_diff(results[0].images_png[0], again.images_png[0]) <= TOLERANCE
     assert back, "the restarted worker is probed and marked up"
     assert victim in {r.worker for r in routed}
+
+
+def test_removing_a_worker_lets_a_probe_on_it_end_instead_of_cancelling_its_caller():
+    """A probe (or a model listing) on a worker that leaves the pool meanwhile gets its answer or
+    a transport error: closing the channel under it must not raise CancelledError in the caller
+    (a /ready scrape or a registry refresh). The worker here answers ServerReady after a pause,
+    so the removal lands while the probe is in flight."""
+    import grpc
+
+    from engine.worker import inference_pb2 as pb
+
+    answering = asyncio.Event()
+
+    async def slow_ready(request, context):
+        answering.set()
+        await asyncio.sleep(0.5)
+        return pb.ServerReadyResponse(ready=True)
+
+    async def run():
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(
+            slow_ready, request_deserializer=pb.ServerReadyRequest.FromString, response_serializer=pb.ServerReadyResponse.SerializeToString
+        )
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("inference.GRPCInferenceService", {"ServerReady": handler})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with WorkerPool([f"127.0.0.1:{port}"], probe_timeout=5) as pool:
+                probe = asyncio.create_task(pool.ready())
+                await answering.wait()
+                assert pool.remove(f"127.0.0.1:{port}")
+                return await probe  # before: CancelledError
+        finally:
+            await server.stop(0)
+
+    assert arun(run()) is True

@@ -179,6 +179,8 @@ class DnsDiscovery:
         return lines
 
     async def stop(self) -> None:
+        if self._first is not None:
+            self._first.set()  # whoever waits for a first round stops waiting: there will be none
         for task in (self._task, self._round):
             if task is not None and not task.done():
                 task.cancel()

@@ -110,12 +110,15 @@ class _Worker:
         self.in_flight = 0
         self.failures = 0
         self.removed = False  # left the pool (WorkerPool.remove): finishing what it has, then closed
+        self.retired = False  # its channel is closing or closed: no new call may open it again
         self.probe: asyncio.Task | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.GRPCInferenceServiceStub | None = None
 
     @property
     def stub(self) -> pb_grpc.GRPCInferenceServiceStub:
+        if self.retired:  # a call that would reopen a closed channel (and leak it) fails like a dead worker
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "the worker left the pool")
         if self._stub is None:  # created inside the running event loop
             credentials = self.endpoint.credentials
             if credentials is None:
@@ -125,11 +128,13 @@ class _Worker:
             self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
 
-    async def close(self) -> None:
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel; calls still on it get `grace` seconds to end (None: cancelled now)."""
+        self.retired = True
         if self.probe:
             self.probe.cancel()
         if self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(grace)
             self._channel = self._stub = None
 
 
@@ -298,7 +303,7 @@ class WorkerPool:
             down = [w for w in serving if not w.up]
             if down:
                 await asyncio.gather(*(self._probe(w) for w in down))
-                candidates = [w for w in down if w.up]
+                candidates = [w for w in down if w.up and not w.removed]  # one may have left meanwhile
         if not candidates:
             return None
         self._turn += 1
@@ -338,7 +343,9 @@ class WorkerPool:
 
     def _retire(self, worker: _Worker) -> None:
         self._leaving.discard(worker)
-        task = asyncio.get_running_loop().create_task(worker.close())
+        # Probes, model listings and metrics calls are not counted in `in_flight`; closing the channel
+        # under them would raise CancelledError in their callers. Each has probe_timeout to finish.
+        task = asyncio.get_running_loop().create_task(worker.close(grace=self.probe_timeout))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
