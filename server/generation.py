@@ -220,7 +220,7 @@ class Generator:
         """Hosted URLs (files written off the event loop) or data: URLs."""
         if response_format == "b64_json":
             return [data_url(png) for png in pngs]
-        ids = [await anyio.to_thread.run_sync(self.store.save, png) for png in pngs]
+        ids = await anyio.to_thread.run_sync(self.store.save_all, pngs)
         return [self.store.url(i) for i in ids]
 
 

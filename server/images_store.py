@@ -84,27 +84,37 @@ class ImageStore:
     # ---- writing ---------------------------------------------------------------------------
 
     def save(self, png: bytes) -> str:
-        """Write one PNG; returns its id. Removes the oldest images if the folder is then over
-        `max_bytes` (never the one just written). Blocking file I/O: call it from a worker thread."""
-        image_id = secrets.token_urlsafe(ID_BYTES)
-        tmp = self.folder / f".{image_id}.tmp"
-        tmp.write_bytes(png)
-        os.replace(tmp, self.folder / f"{image_id}.png")  # readers never see a partial file
-        with self._lock:
-            self._seq += 1
-            self._index[image_id] = (len(png), self._seq)
-            self._bytes += len(png)
-            self._evict_over_cap()
-            self._publish()
-        return image_id
+        """Write one PNG; returns its id (see `save_all`)."""
+        return self.save_all([png])[0]
 
-    def _evict_over_cap(self) -> None:
-        """Remove the oldest images until the total is within the cap. Holds the lock."""
+    def save_all(self, pngs: list[bytes]) -> list[str]:
+        """Write the PNGs of one answer; their ids. Removes the oldest images if the folder is then
+        over `max_bytes`, never one of these: an answer's URLs all work when it is sent. Blocking
+        file I/O: call it from a worker thread."""
+        ids = []
+        for png in pngs:
+            image_id = secrets.token_urlsafe(ID_BYTES)
+            tmp = self.folder / f".{image_id}.tmp"
+            tmp.write_bytes(png)
+            os.replace(tmp, self.folder / f"{image_id}.png")  # readers never see a partial file
+            with self._lock:
+                self._seq += 1
+                self._index[image_id] = (len(png), self._seq)
+                self._bytes += len(png)
+            ids.append(image_id)
+        with self._lock:
+            self._evict_over_cap(keep=set(ids))
+            self._publish()
+        return ids
+
+    def _evict_over_cap(self, keep: set[str]) -> None:
+        """Remove the oldest images, except `keep`, until the total is within the cap. Holds the lock."""
         if not self.max_bytes:
             return
         evicted = 0
-        while self._bytes > self.max_bytes and len(self._index) > 1:
-            image_id, (size, _) = self._index.popitem(last=False)
+        while self._bytes > self.max_bytes and len(self._index) > len(keep):
+            image_id = next(i for i in self._index if i not in keep)  # the oldest not kept
+            size, _ = self._index.pop(image_id)
             self._bytes -= size
             try:
                 (self.folder / f"{image_id}.png").unlink()
@@ -173,7 +183,7 @@ class ImageStore:
                     index[image_id] = (size, seq)
             self._index = index
             self._bytes = sum(size for size, _ in index.values())
-            self._evict_over_cap()
+            self._evict_over_cap(keep=set(list(index)[-1:]))  # the newest stays, as after a save
             self._publish()
 
     def _publish(self) -> None:

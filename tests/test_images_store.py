@@ -101,6 +101,16 @@ def test_clean_corrects_the_total_for_files_removed_by_hand(tmp_path):
     assert store.bytes_used() == 100 and exists(store, kept)
 
 
+def test_the_images_of_one_answer_are_never_evicted_by_each_other(tmp_path):
+    store, metrics = store_with(tmp_path, max_bytes=250)  # room for two images
+    old = store.save(PNG)
+    answer = store.save_all([PNG] * 4)  # n=4: all four URLs must work when the answer is sent
+    assert all(exists(store, i) for i in answer) and not exists(store, old)
+    assert metrics.images_evicted.values[()] == 1
+    store.save(PNG)  # the next save brings the folder back within the cap, oldest first
+    assert [exists(store, i) for i in answer] == [False, False, False, True]
+
+
 def test_eviction_of_a_file_already_removed_is_harmless(tmp_path):
     store, metrics = store_with(tmp_path, max_bytes=250)
     first = store.save(PNG)
