@@ -1,5 +1,6 @@
 """A throwaway certificate authority for the TLS tests: a CA, a worker certificate for 127.0.0.1
-and localhost, and a client certificate, made with the `openssl` command (P-256 keys, valid a day).
+and localhost, one for the DNS name `kiln-worker.test` only (a worker found by DNS and dialled by
+address), and a client certificate, made with the `openssl` command (P-256 keys, valid a day).
 
 `make_ca(folder)` returns the PEM paths, or None when `openssl` is not installed (tests skip,
 saying so).
@@ -22,6 +23,11 @@ class Certificates:
     server_key: Path
     client_cert: Path
     client_key: Path
+    named_cert: Path  # names only NAMED_HOST, not the address it is dialled on
+    named_key: Path
+
+
+NAMED_HOST = "kiln-worker.test"
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -44,10 +50,13 @@ def make_ca(folder: Path) -> Certificates | None:
     _openssl("req", "-x509", *EC, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=kiln test CA", cwd=folder)
     _issue(folder, "server", "/CN=localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
     _issue(folder, "client", "/CN=kiln front end", "extendedKeyUsage=clientAuth\n")
+    _issue(folder, "named", f"/CN={NAMED_HOST}", f"subjectAltName=DNS:{NAMED_HOST}\nextendedKeyUsage=serverAuth\n")
     return Certificates(
         ca=folder / "ca.pem",
         server_cert=folder / "server.pem",
         server_key=folder / "server.key",
         client_cert=folder / "client.pem",
         client_key=folder / "client.key",
+        named_cert=folder / "named.pem",
+        named_key=folder / "named.key",
     )

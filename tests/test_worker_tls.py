@@ -16,7 +16,7 @@ from engine.client.pool import WorkerPool
 from engine.request import ImageRequest
 from engine.worker import inference_pb2 as pb
 from tests._tls import make_ca
-from tests._workers import V2, start_workers
+from tests._workers import V2, arun, start_workers
 
 TOKEN = "tls-token-0123456789abcdef"
 
@@ -73,6 +73,34 @@ def test_a_tls_worker_serves_the_pool_through_its_ca(tls, ca):
 def test_a_tls_worker_refuses_a_plaintext_client(tls):
     refused = ready(tls, credentials=None)
     assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_worker_found_by_dns_is_checked_against_the_name_not_the_address(tiny_package, ca):
+    """Discovery dials pod addresses; the worker's certificate names the DNS name (as a cluster's
+    certificates do), so the pool checks the certificate against the name it resolved."""
+    from engine.client.discovery import DnsDiscovery
+    from tests._tls import NAMED_HOST
+
+    workers = start_workers(tiny_package("sd1"), token=TOKEN, extra_args=["--tls-cert", str(ca.named_cert), "--tls-key", str(ca.named_key)])
+    credentials = tls_channel_credentials(str(ca.ca))
+
+    async def names(name):
+        assert name.host == NAMED_HOST
+        return workers.addresses  # 127.0.0.1:port, which the certificate does not name
+
+    async def run():
+        discovery = DnsDiscovery([f"dns:///{NAMED_HOST}:50051"], token=TOKEN, credentials=credentials, resolver=names)
+        async with WorkerPool([], discovery=discovery) as pool:
+            try:
+                return await pool.generate(ImageRequest(model="sd1", prompt="a dot", width=64, height=64, seed=0, steps=1), timeout=60)
+            finally:
+                await discovery.stop()
+
+    try:
+        result = arun(run())
+    finally:
+        workers.stop()
+    assert result.worker == workers.addresses[0] and len(result.images_png) == 1
 
 
 def test_mutual_tls_refuses_a_client_without_a_certificate(mutual, ca):

@@ -23,6 +23,9 @@ class Endpoint:
     address: str  # host:port
     token: str | None = field(default=None, repr=False)  # a secret: kept out of repr and logs
     credentials: grpc.ChannelCredentials | None = None  # None: plaintext
+    # With TLS: the name the worker's certificate must carry, when it is not the host dialled
+    # (workers found by DNS are dialled by pod address; their certificate names the DNS name).
+    tls_server_name: str | None = None
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

@@ -230,7 +230,13 @@ class DnsDiscovery:
         assert pool is not None
         wanted = {a: n.name for n in self._names for a in n.addresses}
         for address, name in wanted.items():
-            if address not in self._mine and pool.add(Endpoint(address, token=self._token, credentials=self._credentials)):
+            endpoint = Endpoint(
+                address,
+                token=self._token,
+                credentials=self._credentials,
+                tls_server_name=name.host if self._credentials is not None else None,
+            )
+            if address not in self._mine and pool.add(endpoint):
                 self._mine.add(address)
                 log.info("worker %s joined (%s)", address, name)
         for address in sorted(self._mine - wanted.keys()):

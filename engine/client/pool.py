@@ -124,7 +124,10 @@ class _Worker:
             if credentials is None:
                 self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
             else:
-                self._channel = grpc.aio.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
+                options = CHANNEL_OPTIONS
+                if self.endpoint.tls_server_name:  # check the certificate against this name, not the address
+                    options = [*options, ("grpc.ssl_target_name_override", self.endpoint.tls_server_name)]
+                self._channel = grpc.aio.secure_channel(self.address, credentials, options=options)
             self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
 
