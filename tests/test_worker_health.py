@@ -68,6 +68,17 @@ def test_health_is_serving_once_ready_and_needs_no_token(tiny_package):
     workers = start_workers(tiny_package("sd1"), token=TOKEN)
     try:
         assert [health(workers.addresses[0], s) for s in SERVICES] == [SERVING, SERVING]
+        # Watch is a stream: open only with the token, or anyone could hold streams open for free.
+        with grpc.insecure_channel(workers.addresses[0]) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            with pytest.raises(grpc.RpcError) as refused:
+                next(watch)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=10, metadata=(("authorization", f"Bearer {TOKEN}"),)
+            )
+            assert next(watch).status == SERVING
+            watch.cancel()
     finally:
         workers.stop()
 

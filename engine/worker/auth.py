@@ -31,7 +31,9 @@ TOKEN_ENV = "KILN_WORKER_TOKEN"
 METADATA_KEY = "authorization"  # lower case: gRPC metadata keys are
 SCHEME = "Bearer "
 MIN_TOKEN_CHARS = 16
-OPEN_METHODS = ("/grpc.health.v1.Health/",)  # method-path prefixes callable without the token
+# Callable without the token: the health check, which Kubernetes' grpc probes call without metadata.
+# Not Watch, its stream: anyone reaching the port could otherwise hold streams open for free.
+OPEN_METHODS = ("/grpc.health.v1.Health/Check",)
 LOG_EVERY_S = 10.0  # at most one refusal line per this many seconds: a scanner must not flood the log
 
 
