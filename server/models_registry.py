@@ -54,6 +54,7 @@ class ModelRegistry:
         self.refresh_interval_s = config.workers.models_refresh_s
         self.negative_ttl_s = negative_ttl_s
         self._missing_since: dict[str, float] = {}  # worker model -> when a refresh last lacked it
+        self._failure: Exception | None = None  # why the last refresh failed, told again while remembered
         self._in_flight: asyncio.Task[None] | None = None
         self.refreshes = 0  # RPC rounds made: what single flight and the negative cache save
 
@@ -90,6 +91,7 @@ class ModelRegistry:
         self._info = {**kept, **answered}
         now = time.monotonic()
         self._missing_since = {m.worker_model: now for m in self._models if m.worker_model not in self._info}
+        self._failure = None
         if self._missing_since:
             log.warning("no ready worker serves %s yet", ", ".join(sorted(self._missing_since)))
 
@@ -114,11 +116,14 @@ class ModelRegistry:
             if missing_since is None or time.monotonic() - missing_since >= self.negative_ttl_s:
                 try:
                     await self.refresh()
-                except Exception:
+                except Exception as e:
                     # A failed round is a miss too: without this, every request for the model
                     # would ask every worker again (all refusing our token, say).
                     self._missing_since[worker_model] = time.monotonic()
+                    self._failure = e
                     raise
+            elif self._failure is not None:  # remembered: the same answer, without asking again
+                raise self._failure.with_traceback(None)
         info = self._info.get(worker_model)
         if info is None:
             raise WorkerUnavailableError(f"no ready worker serves model '{name}' ({worker_model}) right now")

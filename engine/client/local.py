@@ -175,6 +175,7 @@ class LocalWorkers:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"worker-{index}.log", "ab")
         ready.unlink(missing_ok=True)
+        ready.parent.mkdir(exist_ok=True)  # the last worker to stop cleanly removes the folder
         self.ports[index] = listen_port
         try:
             return subprocess.Popen(

@@ -305,7 +305,7 @@ class WorkerPool:
             # Before giving up, ask the down workers once: one may have come back since the last probe.
             down = [w for w in serving if not w.up]
             if down:
-                await asyncio.gather(*(self._probe(w) for w in down))
+                await asyncio.gather(*(self._probe(w, wait_for_ready=True) for w in down))
                 candidates = [w for w in down if w.up and not w.removed]  # one may have left meanwhile
         if not candidates:
             return None
@@ -383,10 +383,14 @@ class WorkerPool:
             log.info("worker %s accepts the worker token again", worker.address)
             worker.refused_token = False
 
-    async def _ask_ready(self, worker: _Worker) -> bool:
-        """ServerReady, read-only: changes nothing about routing."""
+    async def _ask_ready(self, worker: _Worker, wait_for_ready: bool = False) -> bool:
+        """ServerReady, read-only: changes nothing about routing. `wait_for_ready`: wait up to
+        probe_timeout for the channel to connect, rather than failing at once while it is still
+        backing off from the worker's death (a restarted worker can be up before its channel knows)."""
         try:
-            reply = await worker.stub.ServerReady(pb.ServerReadyRequest(), timeout=self.probe_timeout, metadata=worker.metadata)
+            reply = await worker.stub.ServerReady(
+                pb.ServerReadyRequest(), timeout=self.probe_timeout, metadata=worker.metadata, wait_for_ready=wait_for_ready
+            )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._refused(worker, WorkerAuthError(e.details() or "UNAUTHENTICATED"))
@@ -394,9 +398,9 @@ class WorkerPool:
         self._accepted(worker)
         return reply.ready
 
-    async def _probe(self, worker: _Worker) -> bool:
+    async def _probe(self, worker: _Worker, wait_for_ready: bool = False) -> bool:
         """ServerReady, and take the worker back when it is ready (routing's own probe)."""
-        ready = await self._ask_ready(worker)
+        ready = await self._ask_ready(worker, wait_for_ready)
         if ready and not worker.up:
             log.info("worker %s is ready again", worker.address)
             worker.up = True

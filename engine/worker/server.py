@@ -280,6 +280,20 @@ def _write_ready_file(path: Path, address: str) -> None:
     os.replace(tmp, path)
 
 
+def _remove_ready_file(path: Path) -> None:
+    """On a clean stop: the ready file goes, and so does the folder LocalWorkers made for ready
+    files once the last of its workers has gone. That is what cleans up after a front end killed
+    with SIGKILL: its workers get SIGTERM (parent-death signal), drain, and leave nothing behind."""
+    from engine.client.local import FOLDER_PREFIX  # the client side's naming (no onnxruntime there)
+
+    path.unlink(missing_ok=True)
+    if path.parent.name.startswith(FOLDER_PREFIX):
+        try:
+            path.parent.rmdir()  # only when empty: the other workers' files keep it
+        except OSError:
+            pass
+
+
 async def run_worker(config: WorkerConfig) -> int:
     """Serve until SIGTERM/SIGINT, then drain. 0 on a clean stop, 2 on a start-up error."""
     service = InferenceService(config)
@@ -347,5 +361,7 @@ async def run_worker(config: WorkerConfig) -> int:
         scheduler.fail_all(WorkerUnavailableError("the worker shut down before the request finished; retry"))
     await server.stop(grace=5.0)  # lets the last answers reach their callers
     await asyncio.to_thread(scheduler.close)
+    if config.ready_file:
+        _remove_ready_file(config.ready_file)
     log.info("worker stopped")
     return 0
