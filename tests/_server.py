@@ -164,22 +164,29 @@ def shared_server(package: Path) -> LiveServer:
     return server
 
 
+def start_serve(base: Path, config: str, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+    """`kiln serve --config base/kiln.toml` (written from `config`) as a child process with
+    `env` as its whole environment, logging to base/server.log; not waited for."""
+    (base / "kiln.toml").write_text(config)
+    log = base / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kiln.cli", "serve", "--config", str(base / "kiln.toml")],
+            cwd=ROOT,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, log
+
+
 def serve_process(package: Path, base: Path, **limits) -> LiveServer:
     """A `kiln serve --config` child process of its own (config, log and images under `base`),
     ready when this returns; the caller stops it."""
     port, worker_port = free_port(), free_port()
-    config = base / "kiln.toml"
-    config.write_text(toml_config(package, port, worker_port, base / "images", **limits))
-    log = base / "server.log"
-    env = {**os.environ, "KILN_API_KEYS": f"{API_KEY},{SECOND_KEY}", "KILN_WORKER_TOKEN": WORKER_TOKEN, "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kiln.cli", "serve", "--config", str(config)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    config = toml_config(package, port, worker_port, base / "images", **limits)
+    env = {**os.environ, "KILN_API_KEYS": f"{API_KEY},{SECOND_KEY}", "KILN_WORKER_TOKEN": WORKER_TOKEN}
+    proc, log = start_serve(base, config, env)
     url = f"http://127.0.0.1:{port}"
     server = LiveServer(url=url, key=API_KEY, images=base / "images", worker=f"127.0.0.1:{worker_port}", log=log, proc=proc)
     try:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from tests._server import API_KEY, LiveServer, free_port, wait_ready
+from tests._server import API_KEY, LiveServer, free_port, start_serve, wait_ready
 from tests.test_playground import CHROMIUM, CHROMIUM_ARGS, enter_key, generate, wait_for_picture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +30,7 @@ def serve_bundled(base: Path) -> LiveServer:
 
     package = build_package(DEFAULT_MODEL, CACHE / "packages", target="cpu").resolve()
     port = free_port()
-    (base / "kiln.toml").write_text(
+    config = (
         f"""
 [server]
 host = "127.0.0.1"
@@ -54,13 +53,7 @@ warmup_sizes = ["256x256"]
 dir = "{base / "images"}"
 """
     )
-    log = base / "server.log"
-    env = {**os.environ, "KILN_API_KEYS": API_KEY, "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kiln.cli", "serve", "--config", str(base / "kiln.toml")],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    proc, log = start_serve(base, config, {**os.environ, "KILN_API_KEYS": API_KEY})
     server = LiveServer(url=f"http://127.0.0.1:{port}", key=API_KEY, images=base / "images", worker="", log=log, proc=proc)
     wait_ready(server.url, 180, proc, log)
     return server

@@ -16,8 +16,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -41,7 +39,7 @@ from export.default_model.edits_sheet import (
 )
 from export.default_model.evaluate_images import nearest_colour, read_image
 from kiln.default_model import DEFAULT_MODEL
-from tests._server import API_KEY, LiveServer, free_port, wait_ready
+from tests._server import API_KEY, LiveServer, free_port, start_serve, wait_ready
 
 pytest.importorskip("torch")  # the package is exported from the checkpoint
 
@@ -85,14 +83,7 @@ def live(tmp_path_factory):
     package = build_package(DEFAULT_MODEL, CACHE / "packages", target="cpu")
     base = tmp_path_factory.mktemp("kiln-shapes-server")
     port = free_port()
-    (base / "kiln.toml").write_text(config(package.resolve(), port, base / "images"))
-    log = base / "server.log"
-    env = {**os.environ, "KILN_API_KEYS": API_KEY, "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kiln.cli", "serve", "--config", str(base / "kiln.toml")],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    proc, log = start_serve(base, config(package.resolve(), port, base / "images"), {**os.environ, "KILN_API_KEYS": API_KEY})
     url = f"http://127.0.0.1:{port}"
     server = LiveServer(url=url, key=API_KEY, images=base / "images", worker="", log=log, proc=proc)
     try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from engine.worker import inference_pb2 as pb
-from tests._server import API_KEY, MODEL, free_port
+from tests._server import API_KEY, MODEL, free_port, start_serve
 from tests._workers import V2, start_workers, wait_for
 
 TOKEN = "front-token-0123456789abcdef"
@@ -24,14 +23,8 @@ WRONG = "wrong-token-0123456789abcdef"
 
 def serve(base: Path, config: str) -> tuple[subprocess.Popen, Path]:
     """`kiln serve --config` with `config`, without KILN_WORKER_TOKEN in its environment."""
-    (base / "kiln.toml").write_text(config)
-    log = base / "server.log"
     env = {k: v for k, v in os.environ.items() if k != "KILN_WORKER_TOKEN"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--config", str(base / "kiln.toml")],
-                                env={**env, "KILN_API_KEYS": API_KEY, "PYTHONUNBUFFERED": "1"},
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-    return proc, log
+    return start_serve(base, config, {**env, "KILN_API_KEYS": API_KEY})
 
 
 def wait_serving(proc: subprocess.Popen, log: Path) -> None:
