@@ -128,5 +128,18 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02) -> bool:
     return False
 
 
+async def await_until(predicate, timeout: float = 20.0, interval: float = 0.01) -> bool:
+    """`wait_for` inside an event loop: `predicate` may be a coroutine function (a metric read
+    over HTTP, say); the loop keeps running other tasks between polls."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        outcome = predicate()
+        if await outcome if asyncio.iscoroutine(outcome) else outcome:
+            return True
+        await asyncio.sleep(interval)
+    return False
+
+
 def arun(coro):
     return asyncio.run(coro)

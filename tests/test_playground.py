@@ -15,7 +15,6 @@ import io
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import httpx
@@ -23,6 +22,7 @@ import pytest
 from PIL import Image
 
 from tests._server import API_KEY, MODEL, shared_server
+from tests._workers import wait_for
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
 
@@ -119,21 +119,12 @@ def wait_for_picture(page, prompt: str, count: int = 1):
 def wait_in_page(page, function: str, arg=None, timeout: float = TIMEOUT_MS / 1000) -> None:
     """Until `function(arg)` is true in the page. (Playwright's wait_for_function evaluates a
     string, which the page's CSP forbids; evaluate() goes through the debugger protocol.)"""
-    if not wait_until(lambda: page.evaluate(function, arg), timeout):
+    if not wait_for(lambda: page.evaluate(function, arg), timeout):
         raise AssertionError(f"not true within {timeout:g} s: {function}")
 
 
 def seen(page) -> dict:
     return page.evaluate("window.__seen")
-
-
-def wait_until(predicate, timeout: float = 15.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def sent_forms(page) -> list[tuple[str, dict[str, str]]]:
@@ -235,7 +226,7 @@ def test_cancel_closes_the_stream_and_the_server_cancels_the_work(page, live):
     wait_in_page(page, "() => window.__seen.progress > 0")  # denoising has started
     page.get_by_role("button", name="Cancel").click()
     page.get_by_text("Cancelled.", exact=True).first.wait_for()
-    assert wait_until(lambda: live.metric("kiln_cancellations_total", route=CHAT) == before + 1)
+    assert wait_for(lambda: live.metric("kiln_cancellations_total", route=CHAT) == before + 1, 15)
     assert page.get_by_role("button", name="Generate").is_enabled()
     assert page.locator("img.result").count() == 0
 

@@ -14,6 +14,7 @@ import pytest
 
 from server.errors import ERROR_TABLE, error_response
 from tests._server import API_KEY, MODEL, SECOND_KEY, free_port, shared_server, thread_server
+from tests._workers import await_until
 
 CHAT = "/v1/chat/completions"
 LONG = {"size": "128x128", "steps": 150, "n": 2}  # about 1.5 s: long enough to act in the middle
@@ -234,9 +235,10 @@ def test_full_worker_queue_is_429_with_retry_after(live):
                 while '"progress"' not in await lines.__anext__():
                     pass
                 waiting = asyncio.create_task(c.post(CHAT, json=chat(**LONG)))
-                async with asyncio.timeout(60):  # until the worker has both queued (its metric says so)
-                    while await queued_images(c) != 2:
-                        await asyncio.sleep(0.01)
+                async def both_queued() -> bool:  # the worker's own metric says so
+                    return await queued_images(c) == 2
+
+                assert await await_until(both_queued, 60)
                 try:
                     # a stream is refused before its 200 is sent: a real 429, not an error event
                     refused = await c.post(CHAT, json=chat(stream=True))

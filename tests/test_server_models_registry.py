@@ -13,7 +13,7 @@ from engine.client.types import ImageRequest
 from engine.errors import WorkerUnavailableError
 from server.config import parse_config
 from server.models_registry import ModelRegistry
-from tests._workers import arun, start_workers
+from tests._workers import arun, await_until, start_workers
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,7 @@ def test_the_registry_refreshes_periodically(two_models):
             registry.refresh_interval_s = 0.01
             task = asyncio.create_task(registry.refresh_forever())
             try:
-                async with asyncio.timeout(30):
-                    while registry.refreshes < 3:
-                        await asyncio.sleep(0.01)
+                assert await await_until(lambda: registry.refreshes >= 3, 30)
             finally:
                 task.cancel()
             return await registry.resolve("sd1")

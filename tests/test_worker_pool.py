@@ -144,16 +144,16 @@ def test_removing_a_worker_lets_a_probe_on_it_end_instead_of_cancelling_its_call
     """A probe (or a model listing) on a worker that leaves the pool meanwhile gets its answer or
     a transport error: closing the channel under it must not raise CancelledError in the caller
     (a /ready scrape or a registry refresh). The worker here answers ServerReady after a pause,
-    so the removal lands while the probe is in flight."""
+    only once the test lets it, so the removal lands while the probe is in flight."""
     import grpc
 
     from engine.worker import inference_pb2 as pb
 
-    answering = asyncio.Event()
+    answering, answer = asyncio.Event(), asyncio.Event()
 
     async def slow_ready(request, context):
         answering.set()
-        await asyncio.sleep(0.5)
+        await answer.wait()
         return pb.ServerReadyResponse(ready=True)
 
     async def run():
@@ -169,6 +169,7 @@ def test_removing_a_worker_lets_a_probe_on_it_end_instead_of_cancelling_its_call
                 probe = asyncio.create_task(pool.ready())
                 await answering.wait()
                 assert pool.remove(f"127.0.0.1:{port}")
+                answer.set()
                 return await probe  # before: CancelledError
         finally:
             await server.stop(0)
