@@ -21,6 +21,10 @@ class UnknownSamplerError(InvalidRequestError):
     """The sampler name is not one the engine implements."""
 
 
+class UnknownLoraError(InvalidRequestError):
+    """A request names a LoRA its model does not have (param "loras")."""
+
+
 class PackageError(KilnError):
     """A model package is missing, corrupt, or cannot run here."""
 

@@ -34,7 +34,17 @@ from engine.errors import InvalidRequestError, KilnError, NonFiniteOutputError, 
 from engine.guidance import apply_guidance
 from engine.image_input import feathered_paste, image_size
 from engine.manifest import Manifest, read_manifest
-from engine.request import MAX_N, MAX_STEPS, ImageRequest, ModelLimits, default_strength, edit_steps, validate_request
+from engine.lora.variants import LoraLibrary, Variant
+from engine.request import (
+    MAX_N,
+    MAX_STEPS,
+    ImageRequest,
+    ModelLimits,
+    default_strength,
+    edit_steps,
+    validate_request,
+    with_prompt_loras,
+)
 from engine.samplers import SAMPLERS, get_sampler
 from engine.samplers.base import Sampler, SamplerPlan
 from engine.schedules import NoiseSchedule
@@ -72,6 +82,7 @@ class Sample:
     edit: EditState | None = None
     state: Any = None
     tag: Any = None  # the caller's handle (the worker keeps (job, image index) here)
+    unet_variant: Variant = ()  # the request's LoRAs that change the UNet (engine/lora/variants.py)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -128,6 +139,11 @@ class Pipeline:
     """`Pipeline(package)` returns the runtime its manifest's target needs (see `runtime_class`),
     so the worker, the CLI and the benchmarks run every target through one constructor."""
 
+    # Whether this runtime applies the package's LoRAs (engine/lora/): onnxruntime's CPU sessions
+    # do, through `add_initializer` (engine/sessions.py). A runtime that does not serves none, so
+    # a request naming one is refused (its ModelLimits list no LoRA).
+    serves_loras = True
+
     def __new__(cls, package: Path | str, *args, **kwargs):
         if cls is Pipeline:
             cls = runtime_class(read_manifest(Path(package)).target)
@@ -142,6 +158,7 @@ class Pipeline:
         self.builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-session-build")
         self.providers = self._providers()
         self.max_steps = max_steps
+        self.loras = self._loras()
         m = self.manifest
         self.schedule = NoiseSchedule.from_scheduler_config(m.scheduler_config)
         self.tokenizers = [PromptTokenizer(self.package, spec) for spec in m.tokenizers]
@@ -163,10 +180,22 @@ class Pipeline:
         """The onnxruntime providers for this package; refuses one this machine cannot run."""
         return check_provider(self.manifest.target)
 
+    def _loras(self) -> LoraLibrary | None:
+        """The package's stored LoRAs, if this runtime serves them."""
+        library = LoraLibrary(self.package)
+        if library.names and not self.serves_loras:
+            log.warning(
+                "%s: its %d LoRAs (%s) are not served: the %s runtime does not apply LoRAs yet (serve a cpu package)",
+                self.package, len(library.names), ", ".join(library.names), self.manifest.target,
+            )
+        return library if self.serves_loras else None
+
     def _component(self, name: str) -> ComponentSessions:
-        """What runs one component: anything with `run(feeds, fixed_dims) -> outputs` and `output_names`."""
+        """What runs one component: anything with `run(feeds, fixed_dims[, variant]) -> outputs`
+        and `output_names` (a variant is passed only by runtimes that serve LoRAs)."""
         return ComponentSessions(
-            self.package, name, self.manifest.components[name], self.providers, self.options, builder=self.builder
+            self.package, name, self.manifest.components[name], self.providers, self.options, builder=self.builder,
+            loras=self.loras,
         )
 
     def _conditioning(self, samples: list[Sample], picks: list[list[int]]) -> dict[str, np.ndarray]:
@@ -200,12 +229,14 @@ class Pipeline:
             max_batch=max_batch,
             edits=self.vae_encoder is not None,
             inpainting_unet=self.inpainting_unet,
+            loras=self.loras.names if self.loras else (),
         )
 
     def resolve(self, req: ImageRequest, limits: ModelLimits | None = None) -> ImageRequest:
         """Fill the package's defaults and validate; raises InvalidRequestError naming the param.
         No model work: the input image's header is read for its size, its pixels are not decoded."""
         limits = limits or self.limits()
+        req = with_prompt_loras(req)
         validate_request(req, limits)
         d = self.manifest.defaults
         width, height = req.width, req.height
@@ -237,20 +268,45 @@ class Pipeline:
             self._plans[key] = get_sampler(sampler_name).plan(self.schedule, steps)
         return self._plans[key]
 
-    def encode_prompts(self, prompts: list[str], negatives: list[str]) -> list[dict[str, np.ndarray]]:
-        """Text-encode all prompts and negative prompts of a set of requests in one batch each.
+    def encode_prompts(
+        self, prompts: list[str], negatives: list[str], loras: list[tuple] | None = None
+    ) -> list[dict[str, np.ndarray]]:
+        """Text-encode all prompts and negative prompts of a set of requests in one batch per
+        text-encoder LoRA variant (one batch when none changes a text encoder); `loras[i]` are
+        request i's LoRA choices.
 
         Returns per request {"encoder_hidden_states": (2, L, D)[, "text_embeds": (2, P)]},
         row 0 the negative prompt, row 1 the prompt (diffusers' order).
         """
+        groups: dict[tuple[Variant, ...], list[int]] = {}
+        for i in range(len(prompts)):
+            groups.setdefault(self._text_variants(loras[i] if loras else ()), []).append(i)
+        result: list[dict[str, np.ndarray]] = [{} for _ in prompts]
+        for variants, indices in groups.items():
+            encoded = self._encode_batch([prompts[i] for i in indices], [negatives[i] for i in indices], variants)
+            for i, emb in zip(indices, encoded):
+                result[i] = emb
+        return result
+
+    def _text_variants(self, choices: tuple) -> tuple[Variant, ...]:
+        """Each text encoder's LoRA variant for these choices."""
+        if self.loras is None or not choices:
+            return tuple(() for _ in self.text_encoders)
+        return tuple(self.loras.variant(choices, encoder.name) for encoder in self.text_encoders)
+
+    def unet_variant(self, req: ImageRequest) -> Variant:
+        return self.loras.variant(req.loras, "unet") if self.loras is not None and req.loras else ()
+
+    def _encode_batch(self, prompts: list[str], negatives: list[str], variants: tuple[Variant, ...]) -> list[dict[str, np.ndarray]]:
         n = len(prompts)
         texts = list(negatives) + list(prompts)
         hidden, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+        for tokenizer, encoder, variant in zip(self.tokenizers, self.text_encoders, variants):
             ids = tokenizer(texts)  # (2n, L) int64
             # Dynamic batch: one session serves every admission's count of prompts. Fixed per
             # count, a new count would build a session on the scheduler thread mid-admission.
-            outputs = dict(zip(encoder.output_names, encoder.run({"input_ids": ids})))
+            run = encoder.run({"input_ids": ids}, None, variant) if variant else encoder.run({"input_ids": ids})
+            outputs = dict(zip(encoder.output_names, run))
             if self.is_xl:
                 # SDXL conditions on the penultimate layer of both encoders (hidden_states[-2])
                 layers = sorted(k for k in outputs if k.startswith("hidden_states."))
@@ -279,7 +335,9 @@ class Pipeline:
         Prompts are text-encoded in one batch; the input images of edits in one VAE-encoder
         batch per drawn size. A sample's tag is (tags[request], image index)."""
         resolved = [self.resolve(r) for r in requests]
-        embeddings = self.encode_prompts([r.prompt for r in resolved], [r.negative_prompt for r in resolved])
+        embeddings = self.encode_prompts(
+            [r.prompt for r in resolved], [r.negative_prompt for r in resolved], [r.loras for r in resolved]
+        )
         m = self.manifest
         drawn = [render_size(r.width, r.height, m.sizes) for r in resolved]
         edits = {i: read_edit_input(r, drawn[i]) for i, r in enumerate(resolved) if r.is_edit}
@@ -291,6 +349,7 @@ class Pipeline:
                 ids = np.array([req.height, req.width, 0, 0, req.height, req.width], dtype=np.float32)
                 emb["time_ids"] = np.stack([ids, ids])
             plan = self.plan(req.sampler, req.steps)
+            unet_variant = self.unet_variant(req)
             for k in range(req.n):
                 rng = np.random.Generator(np.random.PCG64(req.seed + k))
                 samples.append(
@@ -305,6 +364,7 @@ class Pipeline:
                         x=np.empty(shape, np.float32),  # set below: noise, or the noised input
                         rng=rng,
                         tag=(tags[i], k) if tags else None,
+                        unet_variant=unet_variant,
                     )
                 )
         self._start(samples, [edits.get(i) for i, req in enumerate(resolved) for _ in range(req.n)])
@@ -381,17 +441,23 @@ class Pipeline:
         if not self.options.background_builds:
             return []
         width, height = render_size(req.width, req.height, self.manifest.sizes)
-        return self._size_keys(width, height, encoder=req.is_edit or self.inpainting_unet)
+        keys = self._size_keys(width, height, encoder=req.is_edit or self.inpainting_unet, unet_variant=self.unet_variant(req))
+        for encoder, variant in zip(self.text_encoders, self._text_variants(req.loras)):
+            if variant and isinstance(encoder, ComponentSessions):  # the base's are pinned at warm-up
+                keys.append((encoder.cache, encoder.key(None, variant)))
+        return keys
 
-    def _size_keys(self, width: int, height: int, encoder: bool) -> list[tuple[SessionCache, Key]]:
-        """(cache, key) of the UNet and VAE decoder (and with `encoder` the VAE encoder: edits,
-        and a 9-channel UNet's blank context) for images drawn at width x height."""
+    def _size_keys(
+        self, width: int, height: int, encoder: bool, unet_variant: Variant = ()
+    ) -> list[tuple[SessionCache, Key]]:
+        """(cache, key) of the UNet (with its LoRA variant) and VAE decoder (and with `encoder`
+        the VAE encoder: edits, and a 9-channel UNet's blank context) for images drawn at width x height."""
         m = self.manifest
         shape = latent_shape(width, height, m.latent_channels, m.vae_scale_factor)
-        calls = [(self.unet, self._unet_dims(shape)), (self.vae, self._vae_dims(shape))]
+        calls = [(self.unet, self._unet_dims(shape), unet_variant), (self.vae, self._vae_dims(shape), ())]
         if encoder and self.vae_encoder is not None:
-            calls.append((self.vae_encoder, self._dims("vae_encoder", {"sample": (1, 3, height, width)})))
-        return [(c.cache, c.key(dims)) for c, dims in calls if isinstance(c, ComponentSessions)]
+            calls.append((self.vae_encoder, self._dims("vae_encoder", {"sample": (1, 3, height, width)}), ()))
+        return [(c.cache, c.key(dims, variant)) for c, dims, variant in calls if isinstance(c, ComponentSessions)]
 
     def pin_size(self, width: int, height: int) -> None:
         """Keep the sessions of width x height requests, and the text encoders', for good (a
@@ -459,12 +525,13 @@ class Pipeline:
     # ---- one denoising step for a set of samples ------------------------------------------
 
     def denoise_step(self, samples: list[Sample]) -> None:
-        """Advance every sample by one step with a single UNet call. All must share one shape."""
+        """Advance every sample by one step with a single UNet call. All must share one shape and
+        one UNet LoRA variant."""
         if not samples:
             return
-        shape = samples[0].shape
-        if any(s.shape != shape for s in samples):
-            raise ValueError("denoise_step takes samples of one latent shape; group them first")
+        shape, variant = samples[0].shape, samples[0].unet_variant
+        if any(s.shape != shape or s.unet_variant != variant for s in samples):
+            raise ValueError("denoise_step takes samples of one latent shape and LoRA variant; group them first")
         rows_x, rows_t, picks = [], [], []
         slices = []
         for s in samples:
@@ -483,7 +550,8 @@ class Pipeline:
             "timestep": np.asarray(rows_t, dtype=np.float32),  # (R,)
             **self._conditioning(samples, picks),
         }
-        (out,) = self.unet.run(feeds, self._unet_dims(shape))  # (R, C, h, w)
+        dims = self._unet_dims(shape)
+        (out,) = self.unet.run(feeds, dims, variant) if variant else self.unet.run(feeds, dims)  # (R, C, h, w)
         for s, (start, count) in zip(samples, slices):
             if count == 2:
                 guided = apply_guidance(out[start], out[start + 1], s.guidance_scale, s.guidance_rescale)
@@ -559,7 +627,7 @@ class Pipeline:
         finished = 0
         by_shape: dict[tuple, list[Sample]] = {}
         for s in samples:
-            by_shape.setdefault(s.shape, []).append(s)
+            by_shape.setdefault((s.shape, s.unet_variant), []).append(s)
         for group in by_shape.values():
             running = list(group)
             while running:

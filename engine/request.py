@@ -17,9 +17,12 @@ sampler's step N - init. So `steps` counts the steps of the whole schedule, not 
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
-from engine.errors import InvalidRequestError, UnknownSamplerError
+from engine.errors import InvalidRequestError, UnknownLoraError, UnknownSamplerError
+from engine.lora.prompt_tags import take_lora_tags
 from engine.shapes import size_problem
 
 MAX_STEPS = 150  # a request over this is refused; the worker may configure a lower cap
@@ -28,6 +31,17 @@ MAX_N = 10  # images per request on the wire; a worker with a smaller queue says
 MAX_PROMPT_CHARS = 4000
 SEED_LIMIT = 2**63
 SEED_SIZES = ("256x256", "512x512", "1024x1024", "1792x1024", "1024x1792")  # the contract's sizes
+MAX_LORAS = 8  # LoRAs one request may combine (each is a set of weights the worker adds up)
+# LoRA scales a request may ask for. Past them a LoRA overwhelms the base model (A1111 users
+# rarely go beyond 1.5); negative scales subtract a style, which some LoRAs are trained for.
+MIN_LORA_SCALE, MAX_LORA_SCALE = -2.0, 2.0
+
+
+class LoraChoice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One LoRA stored with the model (`kiln lora add`), at `scale`: W' = W + scale * delta."""
+
+    name: str
+    scale: float = 1.0
 
 
 class ImageRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,6 +62,9 @@ class ImageRequest(msgspec.Struct, frozen=True, kw_only=True):
     image: bytes | None = None  # an encoded PNG, JPEG or WebP to edit (engine/image_input.py)
     mask: bytes | None = None  # with image: what to repaint (OpenAI's alpha rule, or white = repaint)
     strength: float | None = None  # edits: share of the schedule re-run, (0, 1]; None: the default
+    # LoRAs to apply, besides the prompt's <lora:NAME:SCALE> tags (`with_prompt_loras` moves
+    # those here). Scale 0 is the base model exactly.
+    loras: tuple[LoraChoice, ...] = ()
 
     @property
     def is_edit(self) -> bool:
@@ -75,6 +92,7 @@ class ModelLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_prompt_chars: int = MAX_PROMPT_CHARS
     edits: bool = False  # the package has a VAE encoder: img2img and inpainting work
     inpainting_unet: bool = False  # a 9-channel inpainting UNet: edits need a mask
+    loras: tuple[str, ...] = ()  # names of the LoRAs a request may choose (stored with the package)
 
     def capped(self, *, max_n: int, max_steps: int, max_prompt_chars: int, max_side: int | None) -> ModelLimits:
         """These limits lowered by a front end's own configuration (never raised)."""
@@ -85,6 +103,18 @@ class ModelLimits(msgspec.Struct, frozen=True, kw_only=True):
             max_prompt_chars=min(self.max_prompt_chars, max_prompt_chars),
             max_side=min(self.max_side, max_side) if max_side else self.max_side,
         )
+
+
+def with_prompt_loras(req: ImageRequest) -> ImageRequest:
+    """The request with its prompt's <lora:NAME:SCALE> tags moved into `loras` (after the field's
+    own), so the text encoder never sees them; the same request back when the prompt has none."""
+    if not isinstance(req.prompt, str):
+        return req
+    prompt, tags = take_lora_tags(req.prompt)
+    if not tags:
+        return req
+    loras = req.loras + tuple(LoraChoice(name=name, scale=scale) for name, scale in tags)
+    return msgspec.structs.replace(req, prompt=prompt, loras=loras)
 
 
 def default_strength(req: ImageRequest, limits: ModelLimits) -> float | None:
@@ -161,6 +191,36 @@ def validate_request(req: ImageRequest, limits: ModelLimits, *, size_param: str 
             param=size_param,
         )
     _validate_edit(req, limits)
+    _validate_loras(req, limits)
+
+
+def _validate_loras(req: ImageRequest, limits: ModelLimits) -> None:
+    if len(req.loras) > MAX_LORAS:
+        raise InvalidRequestError(f"{len(req.loras)} LoRAs asked for; a request may combine at most {MAX_LORAS}", param="loras")
+    seen = set()
+    for choice in req.loras:
+        scale = choice.scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise InvalidRequestError(f"LoRA {choice.name!r}: the scale must be a number, got {scale!r}", param="loras")
+        if not MIN_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+            raise InvalidRequestError(
+                f"LoRA {choice.name!r}: the scale must be between {MIN_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, got {scale:g}",
+                param="loras",
+            )
+        if choice.name in seen:
+            raise InvalidRequestError(
+                f"LoRA {choice.name!r} is asked for twice (in `loras` or as <lora:{choice.name}:...> in the prompt): "
+                f"give it once, with the scale you want",
+                param="loras",
+            )
+        seen.add(choice.name)
+        if choice.name not in limits.loras:
+            have = ", ".join(limits.loras) if limits.loras else "none"
+            raise UnknownLoraError(
+                f"model '{limits.name}' has no LoRA named {choice.name!r} (its LoRAs: {have}); "
+                f"store one with `kiln lora add PACKAGE FILE --name {choice.name}`",
+                param="loras",
+            )
 
 
 def _validate_edit(req: ImageRequest, limits: ModelLimits) -> None:

@@ -34,7 +34,9 @@ from engine.errors import EngineError
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
-Key = tuple[tuple[str, int], ...]  # a session's fixed dimensions, sorted by name; () = dynamic shapes
+# A session's fixed dimensions, sorted by name (() = dynamic shapes), then its LoRA variant's
+# ("lora:NAME", scale) entries (engine/sessions.py).
+Key = tuple[tuple[str, int | float], ...]
 
 
 def key_of(dims: dict[str, int] | None) -> Key:
@@ -42,7 +44,7 @@ def key_of(dims: dict[str, int] | None) -> Key:
 
 
 def describe(key: Key) -> str:
-    return ", ".join(f"{name}={value}" for name, value in key) or "dynamic shapes"
+    return ", ".join(f"{name}={value:g}" for name, value in key) or "dynamic shapes"
 
 
 @dataclass(frozen=True)

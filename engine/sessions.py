@@ -6,6 +6,12 @@ weights; instead every component's weights.bin is mapped once and its buffers ar
 session with `SessionOptions.add_initializer`, so N resolutions cost one copy of the weights.
 What each size still costs on its own (graph, kernels, memory plan) is bounded by a
 least-recently-used cache per component (engine/session_cache.py, `RuntimeOptions.max_sessions`).
+
+LoRAs ride on the same route: a session for a LoRA variant (engine/lora/variants.py) is given
+the variant's changed weights with `add_initializer` and the base's buffers for every other
+weight, so a variant costs its changed tensors (shared by its sessions of every size, freed with
+the last of them) plus what any session costs. Its sessions are cached beside the base's, keyed
+by size and variant, under the same bound.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import json
 import logging
 import os
 import threading
+import typing
+import weakref
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +32,9 @@ import onnxruntime as ort
 from engine.errors import IncompatiblePackageError, PackageError
 from engine.manifest import Component
 from engine.session_cache import CacheStats, Key, SessionCache, key_of
+
+if typing.TYPE_CHECKING:
+    from engine.lora.variants import LoraLibrary, Variant
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +58,7 @@ class GpuOptions:
     gpu_mem_limit_gib: float = 0.0  # 0: no limit for onnxruntime's CUDA arena
 
 
+LORA_PREFIX = "lora:"  # a session key's LoRA entries: ("lora:NAME", scale)
 DEFAULT_MAX_SESSIONS = 4
 MAX_SESSIONS_ENV = "KILN_MAX_SESSIONS"
 
@@ -149,7 +161,7 @@ class SharedWeights:
 
     def __init__(self, package: Path | None, component: Component | None):
         self.values: dict[str, ort.OrtValue] = {}
-        self._arrays: list[np.ndarray] = []  # keep the buffers alive as long as the sessions
+        self.arrays: dict[str, np.ndarray] = {}  # keep the buffers alive as long as the sessions
         if component is None or component.weights_file is None:
             return
         weights = package / component.weights_file
@@ -166,13 +178,25 @@ class SharedWeights:
             # Zero-copy: the tensor is a read-only view of the mapped file, so its pages are the
             # page cache's — shared by every session here and by other workers on the host.
             array = np.frombuffer(raw, dtype=entry["dtype"]).reshape(entry["shape"])
-            self._arrays.append(array)
+            self.arrays[name] = array
             self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
 
     @classmethod
     def empty(cls) -> "SharedWeights":
         """No shared buffers: each session reads weights.bin itself (to measure what sharing saves)."""
         return cls(None, None)
+
+
+class VariantWeights:
+    """The weights one LoRA variant changes in one component, as OrtValues over their own arrays.
+
+    Every session of the variant keeps a reference (onnxruntime needs an initializer's buffer for
+    the session's life), so they are freed with the last session of the variant."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.values = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+        self.nbytes = sum(a.nbytes for a in arrays.values())
 
 
 class ComponentSessions:
@@ -188,9 +212,11 @@ class ComponentSessions:
         options: RuntimeOptions,
         builder: Executor | None = None,
         bounded: bool = True,
+        loras: LoraLibrary | None = None,
     ):
         """`builder`: the thread that builds sessions in the background (`cache.start_build`).
-        `bounded=False` keeps every session: for a caller that keeps the sessions it is given."""
+        `bounded=False` keeps every session: for a caller that keeps the sessions it is given.
+        `loras`: where a variant's changed weights come from (None: no LoRAs)."""
         self.name = name
         self.path = package / component.file
         if not self.path.is_file():
@@ -198,19 +224,52 @@ class ComponentSessions:
         self.component = component
         self.providers = providers
         self.options = options
+        self.package = package
         self.weights = SharedWeights(package, component) if options.share_weights else SharedWeights.empty()
+        self.loras = loras
+        # variant -> its changed weights while a session of it lives (see VariantWeights)
+        self._variants: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._variants_lock = threading.Lock()
         self.cache: SessionCache[ort.InferenceSession] = SessionCache(
             name,
-            lambda key: self._create(dict(key)),  # looked up per build, so a test can wrap _create
+            self._build,
             options.max_sessions if bounded else None,
             builder,
         )
         self.input_names = [spec.name for spec in component.inputs]
         self.output_names = [spec.name for spec in component.outputs]
 
-    def key(self, fixed_dims: dict[str, int] | None = None) -> Key:
-        """The cache key of a call with these fixed dimensions (() without fixed shapes)."""
-        return key_of(fixed_dims if self.options.fixed_shapes else None)
+    def key(self, fixed_dims: dict[str, int] | None = None, variant: Variant = ()) -> Key:
+        """The cache key of a call with these fixed dimensions (() without fixed shapes) and LoRA
+        variant: the dimensions, then ("lora:NAME", scale) per LoRA."""
+        dims = key_of(fixed_dims if self.options.fixed_shapes else None)
+        return dims + tuple((LORA_PREFIX + name, scale) for name, scale in variant)
+
+    def _build(self, key: Key) -> ort.InferenceSession:
+        dims = {name: int(value) for name, value in key if not name.startswith(LORA_PREFIX)}
+        variant = tuple((name[len(LORA_PREFIX) :], value) for name, value in key if name.startswith(LORA_PREFIX))
+        if not variant:
+            return self._create(dims)  # looked up per build, so a test can wrap _create
+        return self._create(dims, variant)
+
+    def variant_weights(self, variant: Variant) -> VariantWeights:
+        """The variant's changed weights: shared with its sessions alive, else computed now."""
+        with self._variants_lock:
+            found = self._variants.get(variant)
+            if found is None:
+                if self.loras is None:
+                    raise PackageError(f"{self.name}: this runtime was started without the package's LoRAs")
+                base = self.weights.arrays if self.options.share_weights else SharedWeights(self.package, self.component).arrays
+                found = VariantWeights(self.loras.changed_weights(self.name, variant, base))
+                self._variants[variant] = found
+                log.info("%s: %d weights changed by %s (%.1f MiB)", self.name, len(found.values),
+                         ", ".join(f"{n}:{s:g}" for n, s in variant), found.nbytes / 2**20)
+            return found
+
+    def variant_bytes(self) -> int:
+        """Bytes held by the changed weights of the variants alive now."""
+        with self._variants_lock:
+            return sum(v.nbytes for v in list(self._variants.values()))
 
     def session(self, fixed_dims: dict[str, int] | None = None) -> ort.InferenceSession:
         """The session for `fixed_dims`, not held: only for a caller that keeps every session it
@@ -218,7 +277,8 @@ class ComponentSessions:
         with self.cache.use(self.key(fixed_dims)) as sess:
             return sess
 
-    def _create(self, fixed_dims: dict[str, int]) -> ort.InferenceSession:
+    def _create(self, fixed_dims: dict[str, int], variant: Variant = ()) -> ort.InferenceSession:
+        changed = self.variant_weights(variant) if variant else None
         so = ort.SessionOptions()
         so.graph_optimization_level = {
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -237,19 +297,28 @@ class ComponentSessions:
             so.add_session_config_entry("session.disable_prepacking", "1")
         for dim, value in fixed_dims.items():
             so.add_free_dimension_override_by_name(dim, int(value))
-        if self.options.share_weights:
+        if self.options.share_weights or changed is not None:
             for name, value in self.weights.values.items():
+                if changed is None or name not in changed.values:
+                    so.add_initializer(name, value)
+        if changed is not None:
+            for name, value in changed.values.items():
                 so.add_initializer(name, value)
         log.debug("creating %s session for %s", self.name, fixed_dims or "dynamic shapes")
         try:
-            return ort.InferenceSession(str(self.path), so, providers=self.providers)
+            session = ort.InferenceSession(str(self.path), so, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise PackageError(f"onnxruntime cannot load {self.path}: {e}") from None
+        if changed is not None:
+            session._kiln_variant_weights = changed  # the buffers live as long as the session
+        return session
 
-    def run(self, feeds: dict[str, np.ndarray], fixed_dims: dict[str, int] | None = None) -> list[np.ndarray]:
+    def run(
+        self, feeds: dict[str, np.ndarray], fixed_dims: dict[str, int] | None = None, variant: Variant = ()
+    ) -> list[np.ndarray]:
         """Outputs in `output_names` order. The session is held for the call, so it is never
-        evicted under it; a size not cached is built here, on the caller's thread."""
-        with self.cache.use(self.key(fixed_dims)) as sess:
+        evicted under it; a size (or variant) not cached is built here, on the caller's thread."""
+        with self.cache.use(self.key(fixed_dims, variant)) as sess:
             return sess.run(self.output_names, feeds)
 
     @property

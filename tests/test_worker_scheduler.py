@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from engine.errors import QueueFullError, RequestCancelledError
-from engine.request import ImageRequest
+from engine.request import ImageRequest, LoraChoice
 from engine.worker.scheduler import Job, JobFailed, JobResult, Scheduler
 
 
@@ -26,6 +26,7 @@ class FakeSample:
         self.x = np.zeros((4, request.height // 8, request.width // 8), dtype=np.float32)
         self.step = 0
         self.plan = SimpleNamespace(num_steps=request.steps)
+        self.unet_variant = RecordingPipeline.unet_variant(request)
 
     @property
     def steps_done(self):
@@ -56,6 +57,10 @@ class RecordingPipeline:
     def session_keys(self, request):
         return []  # nothing built per size: every request is admitted at once
 
+    @staticmethod
+    def unet_variant(request):
+        return tuple(sorted((c.name, c.scale) for c in request.loras if c.scale))
+
     def session_stats(self):
         return {}
 
@@ -75,10 +80,10 @@ class RecordingPipeline:
         return [np.zeros((8, 8, 3), dtype=np.uint8) for _ in samples]
 
 
-def make_job(scheduler: Scheduler, size: int, steps: int, n: int = 1) -> tuple[Job, list]:
+def make_job(scheduler: Scheduler, size: int, steps: int, n: int = 1, loras=()) -> tuple[Job, list]:
     events: list = []
-    request = ImageRequest(prompt="x", width=size, height=size, seed=0, n=n, steps=steps)
-    return Job("m", request, scheduler.key_for("m", size, size), 1, events.append), events
+    request = ImageRequest(prompt="x", width=size, height=size, seed=0, n=n, steps=steps, loras=tuple(loras))
+    return Job("m", request, scheduler.key_for("m", size, size, request), 1, events.append), events
 
 
 @pytest.fixture
@@ -101,6 +106,24 @@ def test_groups_of_different_sizes_take_turns(pipe):
     run(s)
     assert [width for width, _ in pipe.calls] == [64, 128, 64, 128, 64, 128]
     assert pipe.prepared == [2], "both prompts were text-encoded in one call"
+
+
+def test_samples_share_a_unet_call_only_with_the_same_loras(pipe):
+    """One UNet call runs one set of weights: LoRA variants of one size step as their own groups,
+    taking turns; requests with the same LoRAs (any order, scale 0 left out) batch together."""
+    s = Scheduler({"m": pipe}, max_batch=8)
+    style = (LoraChoice(name="style", scale=0.8),)
+    base, _ = make_job(s, 64, steps=2)
+    base_too, _ = make_job(s, 64, steps=2, loras=[LoraChoice(name="style", scale=0.0)])
+    styled, _ = make_job(s, 64, steps=2, loras=style)
+    both, _ = make_job(s, 64, steps=2, loras=[LoraChoice(name="ink", scale=1.0), *style])
+    both_again, _ = make_job(s, 64, steps=2, loras=[*style, LoraChoice(name="ink", scale=1.0)])
+    for job in (base, base_too, styled, both, both_again):
+        s.submit(job)
+    run(s)
+    groups = [sorted(ids) for _, ids in pipe.calls]
+    assert groups == [sorted([base.id, base_too.id]), [styled.id], sorted([both.id, both_again.id])] * 2
+    assert pipe.prepared == [5], "every prompt was still text-encoded at one admission"
 
 
 def test_a_request_joins_the_running_batch_at_the_next_step_and_leaves_when_done(pipe):

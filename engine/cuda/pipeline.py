@@ -86,6 +86,8 @@ class BoundPipeline(ResidentConditioning):
     code is tested without a GPU; `CudaPipeline` is the one the engine picks for cuda packages.
     """
 
+    serves_loras = False  # LoRA variants are built for onnxruntime CPU sessions only (engine/sessions.py)
+
     device = "cpu"
 
     def _component(self, name: str) -> BoundComponent:

@@ -4,14 +4,30 @@
     parse_lora (layouts.py)                 kohya / diffusers / PEFT keys -> (component, module, down, up, alpha)
     match_lora (apply.py)                   -> the package's initializers, shapes checked; `.deltas(scale)`
     add_lora / list_loras / remove_lora / load_lora (store.py)   `<package>/loras/`, `loras.json`
+    take_lora_tags (prompt_tags.py)         `<lora:NAME:SCALE>` out of a prompt (no numpy: the front end uses it)
+    LoraLibrary (variants.py)               a worker's LoRAs: the weights a set of (name, scale) changes
 """
 
-from engine.lora.apply import MAX_SCALE, MIN_SCALE, MatchedLora, check_scale, match_lora, package_targets
-from engine.lora.errors import LoraError, LoraFileError, LoraMismatchError, LoraNotFoundError, LoraScaleError
-from engine.lora.store import StoredLora, add_lora, list_loras, load_lora, remove_lora
+from __future__ import annotations
 
-__all__ = [
-    "MAX_SCALE", "MIN_SCALE", "MatchedLora", "check_scale", "match_lora", "package_targets",
-    "LoraError", "LoraFileError", "LoraMismatchError", "LoraNotFoundError", "LoraScaleError",
-    "StoredLora", "add_lora", "list_loras", "load_lora", "remove_lora",
-]  # fmt: skip
+import importlib
+
+# Loaded on first use (PEP 562), so that `engine.lora.prompt_tags`, which engine/request.py and
+# the front end import, does not bring numpy and the file readers along.
+_WHERE = {
+    "MAX_SCALE": "apply", "MIN_SCALE": "apply", "MatchedLora": "apply", "check_scale": "apply",
+    "match_lora": "apply", "package_targets": "apply",
+    "LoraError": "errors", "LoraFileError": "errors", "LoraMismatchError": "errors",
+    "LoraNotFoundError": "errors", "LoraScaleError": "errors",
+    "StoredLora": "store", "add_lora": "store", "list_loras": "store", "load_lora": "store", "remove_lora": "store",
+    "LoraLibrary": "variants", "Variant": "variants",
+    "take_lora_tags": "prompt_tags",
+}  # fmt: skip
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'engine.lora' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"engine.lora.{_WHERE[name]}"), name)

@@ -19,6 +19,8 @@ PRECISIONS = ("auto", "bf16", "f32")
 
 
 class OpenVINOPipeline(Pipeline):
+    serves_loras = False  # LoRA variants are built for onnxruntime CPU sessions only (engine/sessions.py)
+
     def _providers(self) -> list[str]:
         try:
             import openvino as ov

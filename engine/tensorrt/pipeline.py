@@ -23,6 +23,8 @@ INSTALL = {
 
 
 class TensorRTPipeline(ResidentConditioning):
+    serves_loras = False  # LoRA variants are built for onnxruntime CPU sessions only (engine/sessions.py)
+
     def _providers(self) -> list[str]:
         missing = [m for m in INSTALL if importlib.util.find_spec(m) is None]
         if missing:

@@ -13,7 +13,7 @@ Each iteration of the loop:
      request whose sessions are not ready waits, out of the batch, and the loop goes on stepping
      the others: a new size never stalls them. A failed build fails only the requests needing it;
   3. admits waiting requests whose sessions it holds, oldest first, into their group (model,
-     latent shape) while the group holds fewer than `max_batch` samples; a request whose group
+     latent shape, UNet LoRAs) while the group holds fewer than `max_batch` samples; a request whose group
      is full waits, and so does every later request of that group (first come, first served
      within a group), but requests of other groups are not held up behind it. All prompts
      admitted at one boundary are text-encoded in one `Pipeline.prepare` call per model;
@@ -69,7 +69,8 @@ from engine.worker.images import encode_png, latent_preview_jpeg
 
 log = logging.getLogger(__name__)
 
-GroupKey = tuple[str, tuple[int, ...]]  # (model name, latent shape (C, h, w))
+# (model name, latent shape (C, h, w), UNet LoRA variant): samples that can share a UNet call
+GroupKey = tuple[str, tuple[int, ...], tuple]
 
 
 @dataclass(frozen=True)
@@ -247,9 +248,13 @@ class Scheduler:
 
     # ---- called from other threads ------------------------------------------------------
 
-    def key_for(self, model: str, width: int, height: int) -> GroupKey:
-        m = self.pipelines[model].manifest
-        return model, latent_shape(*render_size(width, height, m.sizes), m.latent_channels, m.vae_scale_factor)
+    def key_for(self, model: str, width: int, height: int, request: ImageRequest | None = None) -> GroupKey:
+        """The group a resolved request's samples step in: one UNet call serves one model, one
+        latent shape and one set of UNet LoRAs."""
+        pipe = self.pipelines[model]
+        m = pipe.manifest
+        shape = latent_shape(*render_size(width, height, m.sizes), m.latent_channels, m.vae_scale_factor)
+        return model, shape, pipe.unet_variant(request) if request is not None else ()
 
     def submit(self, job: Job) -> None:
         """Queue a job, or refuse it at once (QueueFullError, WorkerUnavailableError)."""
@@ -594,7 +599,7 @@ class Scheduler:
             job.samples_left = job.n
             self._running_jobs.add(job)
         for s in samples:
-            key = (model, s.shape)
+            key = (model, s.shape, s.unet_variant)
             if key not in self._groups:
                 self._groups[key] = []
                 self._order.append(key)

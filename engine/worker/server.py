@@ -217,7 +217,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             job = Job(
                 model=req.model,
                 request=req,
-                key=self.scheduler.key_for(req.model, req.width, req.height),
+                key=self.scheduler.key_for(req.model, req.width, req.height, req),
                 prompt_tokens=pipe.tokenizers[0].count(req.prompt),
                 sink=sink,
                 deadline=time.monotonic() + remaining if remaining is not None else None,

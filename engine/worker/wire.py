@@ -23,6 +23,7 @@ one element (shape [1]). Each may instead be sent as a request parameter of the 
 | image            | BYTES (PNG/JPEG/WebP)| none: text-to-image       | the picture to edit (img2img)          |
 | mask             | BYTES (PNG)         | none                       | with image: inpaint; transparent (alpha) or white = repaint |
 | strength         | FP32                | the model's default_strength | edits: share of the schedule re-run, (0, 1] |
+| loras            | BYTES (JSON)        | none                       | `[{"name": "style", "scale": 0.8}]`: LoRAs stored with the model (ModelMetadata `loras`); also `<lora:style:0.8>` in the prompt |
 
 The inputs are the fields of `engine.request.ImageRequest` (but `model`, which is model_name):
 this table and that type cannot disagree, because the specs below are derived from the type.
@@ -48,7 +49,8 @@ and, every `preview_every` steps, an output `preview` (BYTES [1], a small JPEG);
 `ModelMetadataResponse.parameters` (Kiln's extension): every field of `engine.request.ModelLimits`
 (family, default_size "WxH", min_side, max_side, multiple_of, default_steps, default_sampler,
 default_guidance_scale, default_strength, samplers (comma-separated), max_steps, max_n, max_batch,
-max_prompt_chars, edits, inpainting_unet): the limits the front end enforces are the worker's.
+max_prompt_chars, edits, inpainting_unet, loras (comma-separated names)): the limits the front end
+enforces are the worker's.
 """
 
 from __future__ import annotations
@@ -71,14 +73,19 @@ BYTES_FIELDS = {"image", "mask"}  # raw bytes, not UTF-8 text
 class InputSpec(msgspec.Struct, frozen=True):
     name: str
     datatype: str  # what Kiln sends and ModelMetadata lists
-    kind: type  # str | bytes | int | float: what the worker accepts it as
+    kind: type  # str | bytes | int | float | tuple: what the worker accepts it as
+    structure: Any = None  # kind tuple: the field's type, sent as JSON text
 
 
 def _input_specs() -> tuple[InputSpec, ...]:
-    """One input per ImageRequest field (model travels as model_name)."""
+    """One input per ImageRequest field (model travels as model_name); a field holding
+    structures (loras) travels as JSON text."""
     specs = []
     for field in msgspec.structs.fields(ImageRequest):
         if field.name == "model":
+            continue
+        if typing.get_origin(field.type) is tuple:
+            specs.append(InputSpec(field.name, "BYTES", tuple, field.type))
             continue
         kind = next(t for t in (bytes, str, float, int) if t is field.type or t in typing.get_args(field.type))
         datatype = {bytes: "BYTES", str: "BYTES", float: "FP32", int: "INT64"}[kind]
@@ -117,6 +124,8 @@ def _tensor(name: str, value: Any) -> pb.ModelInferRequest.InferInputTensor:
         t.contents.bytes_contents.append(bytes(value))
     elif spec.kind is str:
         t.contents.bytes_contents.append(value.encode("utf-8"))
+    elif spec.kind is tuple:
+        t.contents.bytes_contents.append(msgspec.json.encode(value))
     elif spec.kind is int:
         t.contents.int64_contents.append(int(value))
     else:
@@ -181,8 +190,22 @@ def _typed_values(contents: pb.InferTensorContents, datatype: str) -> list:
     return []
 
 
+def _structure(spec: InputSpec, text: bytes | str) -> Any:
+    """A JSON input (loras) as its ImageRequest type; the error names what is wrong in it."""
+    try:
+        return msgspec.json.decode(text, type=spec.structure)
+    except msgspec.ValidationError as e:
+        raise InvalidRequestError(f"input {spec.name}: {e} (expected a JSON list like [{{\"name\": \"style\", \"scale\": 0.8}}])", param=spec.name) from None
+    except msgspec.DecodeError:
+        raise InvalidRequestError(f"input {spec.name} is not JSON: send [{{\"name\": \"style\", \"scale\": 0.8}}]", param=spec.name) from None
+
+
 def _convert(spec: InputSpec, datatype: str, value: Any) -> Any:
     name = spec.name
+    if spec.kind is tuple:
+        if datatype != "BYTES":
+            raise InvalidRequestError(f"input {name} must be BYTES (JSON text), got {datatype}", param=name)
+        return _structure(spec, bytes(value))
     if spec.kind is bytes:
         if datatype != "BYTES":
             raise InvalidRequestError(f"input {name} must be BYTES (the encoded file), got {datatype}", param=name)
@@ -211,11 +234,13 @@ def _parameter(spec: InputSpec, p: pb.InferParameter) -> Any:
         raise InvalidRequestError(f"{name} cannot be a request parameter: send it as a BYTES input", param=name)
     if spec.kind is str and choice == "string_param":
         return value
+    if spec.kind is tuple and choice == "string_param":
+        return _structure(spec, value)
     if spec.kind is int and choice in ("int64_param", "uint64_param"):
         return int(value)
     if spec.kind is float and choice in ("double_param", "int64_param", "uint64_param"):
         return float(value)
-    wanted = {str: "string_param", int: "int64_param", float: "double_param"}[spec.kind]
+    wanted = {str: "string_param", tuple: "string_param", int: "int64_param", float: "double_param"}[spec.kind]
     raise InvalidRequestError(f"parameter {name} must be a {wanted}, got {choice or 'nothing'}", param=name)
 
 
