@@ -18,6 +18,7 @@ sampler's step N - init. So `steps` counts the steps of the whole schedule, not 
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import msgspec
 
@@ -40,8 +41,11 @@ MIN_LORA_SCALE, MAX_LORA_SCALE = -2.0, 2.0
 class LoraChoice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One LoRA stored with the model (`kiln lora add`), at `scale`: W' = W + scale * delta."""
 
-    name: str
-    scale: float = 1.0
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, description="A LoRA the model lists (GET /v1/models).")]
+    scale: Annotated[
+        float,
+        msgspec.Meta(ge=-2.0, le=2.0, description="How strongly it applies: 0 is the base model, 1 the LoRA as trained."),
+    ] = 1.0
 
 
 class ImageRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -33,6 +33,7 @@ from engine.errors import (
     PackageError,
     QueueFullError,
     RequestCancelledError,
+    UnknownLoraError,
     WorkerAuthError,
     WorkerUnavailableError,
 )
@@ -101,6 +102,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     InvalidBodyError: ErrorSpec(400, "invalid_request_error", "invalid_type", retry=False),
     InvalidJSONError: ErrorSpec(400, "invalid_request_error", "invalid_json", retry=False),
     InvalidRequestError: ErrorSpec(400, "invalid_request_error", "invalid_value", retry=False),
+    UnknownLoraError: ErrorSpec(400, "invalid_request_error", "lora_not_found", retry=False),
     ValidationException: ErrorSpec(400, "invalid_request_error", "invalid_type", retry=False),
     ClientException: ErrorSpec(400, "invalid_request_error", "invalid_request", retry=False),
     InvalidHTTPError: ErrorSpec(400, "invalid_request_error", "invalid_request", retry=False),

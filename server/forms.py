@@ -2,7 +2,8 @@
 
 The openai client sends files as `image` (one) or `image[]` (a list), scalars as text fields and
 its `extra_body` as more text fields. Text fields are converted to the struct's types ("2" -> 2
-for `n` is how forms carry numbers), and any field that cannot be is a 400 naming it, as for JSON.
+for `n` is how forms carry numbers; `loras` is JSON text, as the openai client sends a list in
+`extra_body`), and any field that cannot be is a 400 naming it, as for JSON.
 The body's size limit (server.max_body_bytes) is enforced while the form is read (413).
 """
 
@@ -19,6 +20,7 @@ from server.errors import InvalidBodyError
 from server.validation import explain
 
 FILE_FIELDS = ("image", "mask")
+JSON_FIELDS = ("loras",)  # structured fields: a form carries them as JSON text
 
 
 async def read_form(request: Request, struct_type: type) -> Any:
@@ -57,6 +59,8 @@ async def read_form(request: Request, struct_type: type) -> Any:
             values[key] = (await item.read()).decode("utf-8", "replace")
         else:
             values[key] = item
+        if key in JSON_FIELDS:
+            values[key] = _json_field(key, values[key])
     if {name for name, _ in images} == {"image", "image[]"}:
         raise InvalidBodyError("send the input as `image` or as `image[]`, not both", param="image")
     values["image"] = [await _file(item, f"image[{i}]" if name == "image[]" else "image") for i, (name, item) in enumerate(images)]
@@ -67,6 +71,15 @@ async def read_form(request: Request, struct_type: type) -> Any:
     except msgspec.ValidationError as e:
         message, param = explain(str(e))
         raise InvalidBodyError(message, param=param) from None
+
+
+def _json_field(key: str, text: str) -> Any:
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        raise InvalidBodyError(
+            f"{key} must be JSON text in a form, e.g. [{{\"name\": \"style\", \"scale\": 0.8}}]; got {text[:60]!r}", param=key
+        ) from None
 
 
 async def _file(item: Any, param: str) -> bytes:

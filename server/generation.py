@@ -23,9 +23,9 @@ import anyio
 import msgspec
 
 from engine.client.types import GenerationResult, ProgressCallback
-from engine.errors import InvalidRequestError, QueueFullError, WorkerUnavailableError
+from engine.errors import InvalidRequestError, QueueFullError, UnknownLoraError, WorkerUnavailableError
 from engine.image_input import image_size
-from engine.request import ImageRequest, allowed_sizes_text, size_fits, validate_request
+from engine.request import ImageRequest, LoraChoice, allowed_sizes_text, size_fits, validate_request, with_prompt_loras
 from engine.shapes import fit_size, parse_size
 from server.config import Config
 from server.engine_port import EnginePort
@@ -121,6 +121,7 @@ class Generator:
         mask: bytes | None = None,
         strength: float | None = None,
         image_param: str = "image",
+        loras: list[LoraChoice] | None = None,
     ) -> ImageJob:
         """Everything checked before any work, by the same `validate_request` the workers run,
         against their limits (capped by this server's configuration)."""
@@ -142,6 +143,7 @@ class Generator:
             "image": hashlib.sha256(image).hexdigest() if image is not None else None,
             "mask": hashlib.sha256(mask).hexdigest() if mask is not None else None,
             "strength": strength,
+            "loras": loras or [],
         }
         if seed is None:
             seed = derived_seed(content) if temperature == 0 else secrets.randbits(63)
@@ -161,9 +163,13 @@ class Generator:
             image=image,
             mask=mask,
             strength=strength,
+            loras=tuple(loras or ()),
         )
         try:
+            params = with_prompt_loras(params)  # the worker gets the prompt without its <lora:...> tags
             validate_request(params, model.limits)
+        except UnknownLoraError:
+            raise  # its own code (lora_not_found), message and param
         except InvalidRequestError as e:
             param = image_param if e.param == "image" else e.param
             raise BadRequestError(str(e), param=param) from None

@@ -134,11 +134,16 @@ class ModelRegistry:
         return ResolvedModel(name, config, limits)
 
     def listing(self) -> ModelList:
-        return ModelList(data=[Model(id=name, created=self._created) for name in self._by_name])
+        return ModelList(data=[self._model(name) for name in self._by_name])
 
     def get(self, name: str) -> Model:
         self.lookup(name)
-        return Model(id=name, created=self._created)
+        return self._model(name)
+
+    def _model(self, name: str) -> Model:
+        """A model as listed, with the LoRAs its workers serve (as of the last refresh)."""
+        info = self._info.get(self._by_name[name].worker_model)
+        return Model(id=name, created=self._created, loras=list(info.loras) if info else [])
 
 
 def _retrieve(task: asyncio.Task) -> None:

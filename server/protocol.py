@@ -1,7 +1,8 @@
 """Typed request and response bodies of the OpenAI-compatible API (what Litestar publishes as OpenAPI).
 
 Requests ignore fields they do not know (the openai client sends many), reject wrong types, and
-carry Kiln's extension fields (`seed`, `negative_prompt`, `steps`, `guidance_scale`, `sampler`),
+carry Kiln's extension fields (`seed`, `negative_prompt`, `steps`, `guidance_scale`, `sampler`,
+`loras`),
 which the openai client sends through `extra_body`. Ranges that depend on the configuration
 (`n`, `steps`, sizes) are checked in the serving modules, with messages naming the parameter.
 """
@@ -13,6 +14,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from engine.request import MAX_LORAS, LoraChoice
+
 Seed = Annotated[int, Meta(ge=0, le=2**63 - 1, description="Seed of the first image; image k uses seed + k.")]
 Steps = Annotated[int, Meta(ge=1, le=150, description="Denoising steps (default: the model's).")]
 Guidance = Annotated[float, Meta(ge=0, le=50, description="Classifier-free guidance scale.")]
@@ -22,6 +25,13 @@ Strength = Annotated[
     Meta(gt=0, le=1, description="Edits: the share of the denoising schedule re-run on the input, (0, 1]; low keeps more of it."),
 ]
 Size = Annotated[str, Meta(description="WIDTHxHEIGHT, e.g. 1024x1024; see the error message for what a model allows.")]
+Loras = Annotated[
+    list[LoraChoice],
+    Meta(
+        max_length=MAX_LORAS,
+        description="LoRAs stored with the model, each at its scale (also `<lora:NAME:SCALE>` in the prompt).",
+    ),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +92,7 @@ class ChatCompletionRequest(msgspec.Struct):
     sampler: str | None = None
     preview_every: Annotated[int, Meta(ge=0, le=1000)] | None = None  # stream: a JPEG preview every k steps
     strength: Strength | None = None  # an edit's strength (a conversation with a picture in it)
+    loras: Loras | None = None
     # OpenRouter's: ["image", "text"] asks for content as a string and the pictures in message.images
     modalities: list[str] | None = None
 
@@ -201,6 +212,7 @@ class ImageGenerationRequest(msgspec.Struct):
     steps: Steps | None = None
     guidance_scale: Guidance | None = None
     sampler: str | None = None
+    loras: Loras | None = None
 
 
 class ImageEditRequest(msgspec.Struct):
@@ -229,6 +241,7 @@ class ImageEditRequest(msgspec.Struct):
     guidance_scale: Guidance | None = None
     sampler: str | None = None
     strength: Strength | None = None
+    loras: Loras | None = None  # in a form: JSON text
 
 
 class ImageVariationRequest(msgspec.Struct):
@@ -267,6 +280,8 @@ class Model(msgspec.Struct):
     created: int
     owned_by: str = "kiln"
     object: str = "model"
+    # Kiln: the LoRAs a request may choose for this model (`loras`, or <lora:NAME:SCALE> in the prompt)
+    loras: list[str] = msgspec.field(default_factory=list)
 
 
 class ModelList(msgspec.Struct):

@@ -97,6 +97,7 @@ class ChatService:
             # strength is an edit's setting; a conversation without a picture draws from scratch
             strength=req.strength if image is not None else None,
             image_param=image_param,
+            loras=req.loras,
         )
         param, limit = (
             ("max_completion_tokens", req.max_completion_tokens)

@@ -79,6 +79,7 @@ class ImagesService:
             guidance_scale=guidance_scale,
             sampler=req.sampler,
             response_format=req.response_format,
+            loras=getattr(req, "loras", None),  # variations have none: no prompt to style
             **edit,
         )
 

@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine.errors import PackageError
+from engine.manifest import read_manifest
 from engine.lora.apply import MatchedLora, match_lora
 from engine.lora.errors import LoraError, LoraNotFoundError
 
+SERVED_BY = ("cpu",)  # package targets whose runtime applies LoRAs (engine.pipeline.Pipeline.serves_loras)
 INDEX = "loras.json"
 FOLDER = "loras"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -86,6 +88,12 @@ def add_lora(package: Path, lora_file: Path, name: str, replace: bool = False) -
     check_name(name)
     if not (package / "manifest.json").is_file():
         raise PackageError(f"{package} is not a model package (no manifest.json)")
+    target = read_manifest(package).target
+    if target not in SERVED_BY:
+        raise LoraError(
+            f"{package} is a {target} package; LoRAs are served with {', '.join(SERVED_BY)} packages for now "
+            f"(their weights are swapped per request through onnxruntime): add it to the cpu package of this model"
+        )
     loras = list_loras(package)
     if name in loras and not replace:
         raise LoraError(f"{package} already has a LoRA named {name!r}; remove it first or choose another --name")

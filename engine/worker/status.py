@@ -46,6 +46,7 @@ KNOWN: dict[str, type[E.KilnError]] = {
     for cls in (
         E.ModelNotFoundError,
         E.UnknownSamplerError,
+        E.UnknownLoraError,
         E.InvalidRequestError,
         E.QueueFullError,
         E.WorkerAuthError,
