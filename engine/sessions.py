@@ -271,10 +271,10 @@ class ComponentSessions:
         with self._variants_lock:
             return sum(v.nbytes for v in list(self._variants.values()))
 
-    def session(self, fixed_dims: dict[str, int] | None = None) -> ort.InferenceSession:
-        """The session for `fixed_dims`, not held: only for a caller that keeps every session it
-        is given (`bounded=False`), since an evicted one stays alive while referenced."""
-        with self.cache.use(self.key(fixed_dims)) as sess:
+    def session(self, fixed_dims: dict[str, int] | None = None, variant: Variant = ()) -> ort.InferenceSession:
+        """The session for `fixed_dims` (and LoRA variant), not held: only for a caller that keeps
+        every session it is given (`bounded=False`), since an evicted one stays alive while referenced."""
+        with self.cache.use(self.key(fixed_dims, variant)) as sess:
             return sess
 
     def _create(self, fixed_dims: dict[str, int], variant: Variant = ()) -> ort.InferenceSession:

@@ -86,7 +86,10 @@ class BoundPipeline(ResidentConditioning):
     code is tested without a GPU; `CudaPipeline` is the one the engine picks for cuda packages.
     """
 
-    serves_loras = False  # LoRA variants are built for onnxruntime CPU sessions only (engine/sessions.py)
+    # Not yet: onnxruntime's SD optimiser fused this fp16 graph (q, k and v packed into one weight,
+    # 84 -> 56 UNet initializers on the tiny SD 1 model), so a LoRA's to_q/to_k/to_v deltas have
+    # no weight of their own to go to. README "LoRAs on GPUs" has the design.
+    serves_loras = False
 
     device = "cpu"
 
