@@ -16,7 +16,8 @@ transposed (OpenCLIP's `text_projection` is stored (width, dim), a Linear weight
 The mapping is the one diffusers' `convert_ldm_*` / `convert_open_clip_checkpoint` functions and
 its `scripts/convert_diffusers_to_original_stable_diffusion.py` apply, written as one function per
 component so that the loader (export/single_file.py) and the writer
-(export/single_file_writer.py) cannot disagree. Shapes that differ only by trailing 1s (the ldm
+(export/single_file_writer.py) cannot disagree; the UNet's lives in engine/lora/ldm_names.py,
+which the engine's LoRA reader shares. Shapes that differ only by trailing 1s (the ldm
 VAE's 1x1-conv attention projections against diffusers' Linear ones) are reshaped by the callers.
 """
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from engine.lora.ldm_names import UnetBlocks, ldm_unet_key
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -67,64 +70,12 @@ def original_key(family: str, component: str, key: str, config: dict) -> Source:
 
 
 # --- UNet ------------------------------------------------------------------------------------
-
-_UNET_TOP = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's size/crop/pooled-text embedding
-    "add_embedding.linear_2": "label_emb.0.2",
-    "class_embedding.linear_1": "label_emb.0.0",
-    "class_embedding.linear_2": "label_emb.0.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-
-
-def _resnet(rest: str) -> str:
-    head, _, tail = rest.partition(".")
-    return f"{_RESNET.get(head, head)}.{tail}"
-
-
-def _layers_per_block(config: dict) -> int:
-    lpb = config.get("layers_per_block", 2)
-    if not isinstance(lpb, int):
-        raise ValueError(f"a UNet with per-block layer counts ({lpb}) has no original single-file layout")
-    return lpb
+# The UNet's names are shared with the engine, which reads kohya LoRAs named this way
+# (engine/lora/ldm_names.py; pure Python, so export may import it).
 
 
 def _unet_key(key: str, config: dict) -> str:
-    lpb = _layers_per_block(config)
-    stem, _, leaf = key.rpartition(".")
-    if stem in _UNET_TOP:
-        return f"{_UNET_TOP[stem]}.{leaf}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        i = 1 + block * (lpb + 1) + layer
-        return f"input_blocks.{i}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{i}.1.{rest}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{1 + int(m[1]) * (lpb + 1) + lpb}.0.op.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-        return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        i = block * (lpb + 1) + layer  # up blocks hold lpb + 1 layers
-        return f"output_blocks.{i}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{i}.1.{rest}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        block = int(m[1])
-        with_attention = "CrossAttn" in config["up_block_types"][block]
-        return f"output_blocks.{block * (lpb + 1) + lpb}.{2 if with_attention else 1}.conv.{m[2]}"
-    raise KeyError(f"UNet weight {key} has no place in the original layout")
+    return ldm_unet_key(key, UnetBlocks.from_config(config))
 
 
 # --- VAE -------------------------------------------------------------------------------------

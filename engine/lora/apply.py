@@ -24,6 +24,7 @@ import numpy as np
 from engine.errors import PackageError
 from engine.lora.errors import LoraMismatchError, LoraScaleError
 from engine.lora.layouts import COMPONENTS, LoraPair, parse_lora
+from engine.lora.ldm_names import ldm_unet_names
 from engine.lora.safetensors_file import read_safetensors
 
 # Scales a request may ask for. Outside it a LoRA overwhelms the base model (A1111 users rarely
@@ -131,12 +132,26 @@ def _expected_shapes(pair: LoraPair, shape: tuple[int, ...]) -> tuple[tuple[int,
     return (r, *shape[1:]), (shape[0], r)
 
 
+def _kohya_names(component: str, params: dict[str, Target]) -> dict[str, str]:
+    """`_`-spelled module name -> torch parameter, for every spelling a kohya key may use.
+
+    A UNet's modules go by their diffusers names and, for the LoRAs kohya sd-scripts trains on SDXL
+    (whose UNet it builds with the original block numbering), by their original (ldm) names too:
+    `input_blocks_4_1_transformer_blocks_0_attn1_to_q`. The two never spell the same name (the
+    ldm names start input_blocks / middle_block / output_blocks / time_embed / label_emb / out).
+    """
+    names = {p: p for p in params}
+    if component == "unet":
+        names.update(ldm_unet_names(params))
+    return {name.removesuffix(".weight").replace(".", "_"): param for name, param in names.items()}
+
+
 def match_lora(package: Path, lora_file: Path) -> MatchedLora:
     """Read `lora_file` and match it to `package`'s weights; LoraMismatchError names what does not fit."""
     tensors, metadata = read_safetensors(lora_file)
     parsed = parse_lora(tensors, metadata)
     targets = package_targets(package)
-    flat = {c: {p.removesuffix(".weight").replace(".", "_"): p for p in t} for c, t in targets.items()}
+    flat = {c: _kohya_names(c, t) for c, t in targets.items()}
     unused = list(parsed.unused)
     matched = []
     for pair in sorted(parsed.pairs, key=lambda p: p.keys):

@@ -10,6 +10,9 @@ older diffusers:              unet.<...>.processor.to_q_lora.down.weight / .up.w
 
 A kohya key spells the module with `_` for `.`, which is ambiguous (`down_blocks_0` vs
 `down_blocks.0`); it is resolved against the package's own parameter names (engine/lora/apply.py).
+kohya's SDXL LoRAs name UNet modules in the original (ldm) layout instead
+(`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, `lora_unet_out_2`); apply.py resolves
+those too, through engine/lora/ldm_names.py.
 """
 
 from __future__ import annotations
