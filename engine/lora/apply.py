@@ -56,6 +56,8 @@ def package_targets(package: Path) -> dict[str, dict[str, Target]]:
         for name, entry in index.items():
             if "param" in entry:
                 targets[entry["param"]] = Target(name, tuple(entry["shape"]), bool(entry.get("transposed")))
+            elif name.startswith("onnx::") and not name.startswith("onnx::MatMul"):
+                continue  # a constant the exporter folded (a GroupNorm's scale, say): no parameter
             elif name.startswith("onnx::"):
                 raise PackageError(
                     f"{index_path} does not say which parameter {name} is: the package was exported before Kiln "
