@@ -110,7 +110,7 @@ def fake_tensorrt(monkeypatch):
     monkeypatch.setattr(tensorrt_engines, "gpu_identity", lambda device_id=0: H100)
     built = []
 
-    def build_engine(trt, onnx_path, profiles, fp16, timing_cache, workspace_gib):
+    def build_engine(trt, onnx_path, profiles, fp16, timing_cache, workspace_gib, refit=False):
         built.append((onnx_path.parent.name, fp16))
         return f"plan {onnx_path} {sorted(profiles)}".encode(), timing_cache + b"t"
 
@@ -215,7 +215,7 @@ def test_tensorrt_pipeline_refuses_unbuilt_sizes_and_runs_built_ones(tiny_packag
     handed = {}  # component -> (engine entries, input names, output names) the pipeline gave it
 
     class CpuStandIn:
-        def __init__(self, package, name, entries, input_names, output_names, vae_scale_factor, device_id=0):
+        def __init__(self, package, name, entries, input_names, output_names, vae_scale_factor, device_id=0, refit=None):
             m = read_manifest(package)
             handed[name] = ({(e.component, e.size) for e in entries}, input_names, output_names)
             self.sessions = ComponentSessions(package, name, m.components[name], ["CPUExecutionProvider"], RuntimeOptions(threads=1))

@@ -44,6 +44,9 @@ class EngineEntry(msgspec.Struct, frozen=True):
     precision: str  # fp16 | fp32 (SDXL's VAE)
     profile: dict[str, dict[str, list[int]]]  # input -> {"min", "opt", "max"}
     bytes: int = 0
+    # Built with BuilderFlag.REFIT: its weights can be replaced by name, which is how LoRAs are
+    # applied (engine/tensorrt/refit.py). Only the components LoRAs adapt are ever built so.
+    refit: bool = False
 
 
 class TensorRTSection(msgspec.Struct, frozen=True):
@@ -54,6 +57,7 @@ class TensorRTSection(msgspec.Struct, frozen=True):
     batches: list[int]
     engines: list[EngineEntry]
     timing_cache: str | None = None  # relative path of the timing cache the builds used
+    refit: bool = False  # the UNet's and text encoders' engines were built refittable (`--refit`)
 
 
 def engine_key(
@@ -64,6 +68,7 @@ def engine_key(
     gpu: GpuIdentity,
     tensorrt_version: str,
     precision: str,
+    refit: bool = False,
 ) -> str:
     """sha256 over everything an engine depends on; equal keys mean an interchangeable engine."""
     shapes = {name: p.as_dict() if isinstance(p, Profile) else p for name, p in sorted(profile.items())}
@@ -78,6 +83,8 @@ def engine_key(
         "tensorrt": tensorrt_version,
         "precision": precision,
     }
+    if refit:  # only when set, so the keys of engines built before refit existed stay valid
+        recipe["refit"] = True
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
@@ -112,7 +119,9 @@ def check_compatible(manifest: Manifest, section: TensorRTSection, package: Path
         component = manifest.components.get(entry.component)
         if component is None:
             raise PackageError(f"{package}: engine {entry.file} is for {entry.component!r}, which the package lacks")
-        expected = engine_key(entry.component, entry.size, component.sha256, entry.profile, gpu, tensorrt_version, entry.precision)
+        expected = engine_key(
+            entry.component, entry.size, component.sha256, entry.profile, gpu, tensorrt_version, entry.precision, entry.refit
+        )
         if expected != entry.key:
             raise IncompatiblePackageError(
                 f"{package}: engine {entry.file} does not match the package's {entry.component} graph or its recorded "

@@ -8,6 +8,10 @@ offers ComponentSessions' `run(feeds, fixed_dims)`. Inputs are uploaded on one C
 input whose caller hands the same read-only array as last time stays on the device (the text
 embeddings between steps); outputs are copied back once the stream is done. A batch larger
 than the engine's profile is run in slices along the batch axis.
+
+LoRAs: a component whose engines were built refittable is given a `ComponentRefit`
+(engine/tensorrt/refit.py), and `run(feeds, fixed_dims, variant)` switches the engine it picks
+to the call's variant first, under the same lock, so no call runs on half-written weights.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import EngineError, PackageError
+from engine.lora.variants import Variant
 from engine.tensorrt.cache import EngineEntry
+from engine.tensorrt.refit import ComponentRefit, EngineWeights
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +38,14 @@ class _Engine:
     context: object  # tensorrt.IExecutionContext
     max_rows: int
     resident: dict[str, tuple[np.ndarray, object]] = field(default_factory=dict)  # input -> (host, device)
+    weights: EngineWeights | None = None  # the LoRA variant it holds; None: not refittable
 
 
 class TensorRTComponent:
     def __init__(self, package: Path, name: str, entries: list[EngineEntry], input_names: list[str],
-                 output_names: list[str], vae_scale_factor: int, device_id: int = 0):
+                 output_names: list[str], vae_scale_factor: int, device_id: int = 0,
+                 refit: ComponentRefit | None = None):
+        """`refit`: how LoRA variants are written into this component's engines (None: no LoRAs)."""
         import cupy
         import tensorrt as trt
 
@@ -50,6 +59,7 @@ class TensorRTComponent:
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._lock = threading.Lock()
+        self.refit = refit
         self._engines: dict[str | None, _Engine] = {}
         for entry in entries:
             self._engines[entry.size] = self._load(package / entry.file, entry)
@@ -62,7 +72,8 @@ class TensorRTComponent:
         first = self.input_names[0]
         max_rows = entry.profile[first]["max"][0]
         log.info("loaded %s engine %s (%.0f MiB)", self.name, path.name, path.stat().st_size / 2**20)
-        return _Engine(entry, engine, context, max_rows)
+        weights = self.refit.attach(engine, f"{self.name} {entry.size or 'engine'}") if self.refit else None
+        return _Engine(entry, engine, context, max_rows, weights=weights)
 
     def _engine_for(self, feeds: dict[str, np.ndarray]) -> _Engine:
         if None in self._engines:
@@ -75,9 +86,13 @@ class TensorRTComponent:
             raise EngineError(f"{self.name}: no TensorRT engine for {size}; built: {', '.join(map(str, self._engines))}")
         return engine
 
-    def run(self, feeds: dict[str, np.ndarray], fixed_dims: dict[str, int] | None = None) -> list[np.ndarray]:
+    def run(
+        self, feeds: dict[str, np.ndarray], fixed_dims: dict[str, int] | None = None, variant: Variant = ()
+    ) -> list[np.ndarray]:
+        """Outputs in `output_names` order, computed with `variant`'s LoRA weights (() = the base)."""
         with self._lock, self._device:
             engine = self._engine_for(feeds)
+            self._switch(engine, variant)
             rows = feeds[self.input_names[0]].shape[0]
             if rows <= engine.max_rows:
                 return self._infer(engine, feeds, whole=True)
@@ -86,6 +101,13 @@ class TensorRTComponent:
                 for i in range(0, rows, engine.max_rows)
             ]
             return [np.concatenate(outs) for outs in zip(*parts)]
+
+    def _switch(self, engine: _Engine, variant: Variant) -> None:
+        """Refit `engine` to `variant` if it holds another (engine/tensorrt/refit.py)."""
+        if engine.weights is not None:
+            self.refit.switch(engine.weights, variant)
+        elif variant:  # the pipeline serves no LoRA then; this is the backstop
+            raise EngineError(f"{self.name}: its TensorRT engines were built without refit, so they cannot apply LoRAs")
 
     def _infer(self, engine: _Engine, feeds: dict[str, np.ndarray], whole: bool) -> list[np.ndarray]:
         cp, ctx = self._cupy, engine.context
