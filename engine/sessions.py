@@ -280,11 +280,17 @@ class ComponentSessions:
     def _create(self, fixed_dims: dict[str, int], variant: Variant = ()) -> ort.InferenceSession:
         changed = self.variant_weights(variant) if variant else None
         so = ort.SessionOptions()
+        optimization = self.options.optimization
+        if variant and optimization == "all":
+            # At "all", onnxruntime 1.32 builds a Conv's reordered (NCHWc) weight from the model's
+            # own initializer, not from one given with add_initializer: a LoRA on a convolution
+            # would be silently dropped (seen on conv_in). "extended" honours every override.
+            optimization = "extended"
         so.graph_optimization_level = {
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[self.options.optimization]
+        }[optimization]
         if self.options.threads:
             so.intra_op_num_threads = self.options.threads
         so.inter_op_num_threads = 1

@@ -133,15 +133,15 @@ def test_sessions_per_resolution_share_one_copy_of_the_weights(sd1):
     # each array is a view into the same memmap, not a copy per session.
     weights = sd1.unet.weights
     index = json.loads((sd1.package / "unet" / "weights.json").read_text())
-    assert set(weights.values) == set(index) and len(weights._arrays) == len(index)
+    assert set(weights.values) == set(index) and len(weights.arrays) == len(index)
 
     def root(array):
         while isinstance(array.base, np.ndarray):
             array = array.base
         return array
 
-    assert len({id(root(a)) for a in weights._arrays}) == 1
-    assert isinstance(root(weights._arrays[0]), np.memmap)
+    assert len({id(root(a)) for a in weights.arrays.values()}) == 1
+    assert isinstance(root(next(iter(weights.arrays.values()))), np.memmap)
 
 
 def test_sizes_over_render_max_side_are_drawn_smaller_and_upscaled(tiny_package, tmp_path):

@@ -73,9 +73,11 @@ def lora_files(tmp_path_factory, tiny_checkpoint):
     pairs = [(c, n, d * 4, u * 4, a) for c, n, d, u, a in _random_pairs(pipe, seed=11)]
     unet_pairs = [p for p in _random_pairs(pipe, seed=12) if p[0] == "unet"]
     unet_pairs = [(c, n, d * 4, u * 4, a) for c, n, d, u, a in unet_pairs]
+    conv_pairs = [p for p in pairs if p[1] == "conv_in"]
     return {
         "style": write_kohya(pairs, folder / "style.safetensors", "sd1"),
         "unet_only": write_kohya(unet_pairs, folder / "unet_only.safetensors", "sd1"),
+        "conv_only": write_kohya(conv_pairs, folder / "conv_only.safetensors", "sd1"),
     }
 
 
@@ -100,7 +102,7 @@ def one(pipe, **changes) -> np.ndarray:
 
 
 def test_the_model_lists_its_loras(pipe):
-    assert pipe.limits().loras == ("style", "unet_only")
+    assert pipe.limits().loras == ("conv_only", "style", "unet_only")
 
 
 def test_scale_zero_is_the_base_model_exactly(pipe):
@@ -150,6 +152,21 @@ def test_a_variant_costs_only_the_weights_it_changes(pipe, lora_package):
     assert pipe.text_encoders[0].stats().builds == encoder_builds
 
 
+def test_a_convolution_lora_applies_at_every_optimisation_level(lora_package):
+    """onnxruntime's "all" level ignores a Conv weight given with add_initializer (its NCHWc copy
+    is made from the model's own): variant sessions are built at "extended" instead."""
+    from engine.pipeline import Pipeline
+
+    conv = (LoraChoice(name="conv_only", scale=1.0),)
+    images = {}
+    for level in ("extended", "all"):
+        pipe = Pipeline(lora_package, RuntimeOptions(threads=1, optimization=level))
+        images[level] = (one(pipe), one(pipe, loras=conv))
+    for level, (base, styled) in images.items():
+        assert np.abs(styled.astype(int) - base).mean() > 1, f"{level}: the conv_in LoRA changed nothing"
+    assert np.abs(images["all"][1].astype(int) - images["extended"][1]).max() <= 2
+
+
 def test_evicted_variants_free_their_weights(lora_package):
     from engine.pipeline import Pipeline
 
@@ -173,7 +190,7 @@ def test_text_encoder_lora_changes_the_embeddings(pipe):
 @pytest.mark.parametrize(
     "loras, error, says",
     [
-        ((LoraChoice(name="nope", scale=1.0),), UnknownLoraError, "no LoRA named 'nope' \\(its LoRAs: style, unet_only\\)"),
+        ((LoraChoice(name="nope", scale=1.0),), UnknownLoraError, "no LoRA named 'nope' \\(its LoRAs: conv_only, style, unet_only\\)"),
         ((LoraChoice(name="style", scale=2.5),), InvalidRequestError, "between -2 and 2, got 2.5"),
         ((LoraChoice(name="style", scale=float("nan")),), InvalidRequestError, "must be a number"),
         ((LoraChoice(name="style"), LoraChoice(name="style", scale=0.5)), InvalidRequestError, "asked for twice"),

@@ -6,8 +6,8 @@ number of examples per operation and mode, derandomized, against the shared serv
 keep each accepted request cheap.
 
 Positive cases pass through `within_the_domain` first. It changes only what no JSON Schema can
-say -- which sizes and samplers the model serving the request accepts (learned from the workers at
-run time), that an input picture must decode as one, that `max_tokens` must cover the pictures'
+say -- which sizes, samplers and LoRAs the model serving the request accepts (learned from the
+workers at run time), that an input picture must decode as one, that `max_tokens` must cover the pictures'
 cost, which message holds the prompt -- so that "schema-valid" means "valid" and a 400 on a
 positive case is a real disagreement between the schema and the server.
 
@@ -72,6 +72,7 @@ def within_the_domain(body: dict) -> None:
     if body.get("size") not in (None, "auto"):
         body["size"] = "64x64"  # what this model draws depends on its worker's limits
     body.pop("sampler", None)  # the model's samplers are the worker's list
+    body.pop("loras", None)  # so are its LoRAs (the shared server's model has none)
     body.pop("max_tokens", None)  # must cover the pictures' cost, which depends on size and n
     body.pop("max_completion_tokens", None)
     if "image" in body:
