@@ -22,7 +22,10 @@ from engine.manifest import read_manifest
 from engine.lora.apply import MatchedLora, match_lora
 from engine.lora.errors import LoraError, LoraNotFoundError
 
-SERVED_BY = ("cpu",)  # package targets whose runtime applies LoRAs (engine.pipeline.Pipeline.serves_loras)
+# Package targets whose runtime applies LoRAs (engine.pipeline.Pipeline.serves_loras): cpu by
+# onnxruntime sessions per variant, tensorrt by refitting engines built with --refit (not yet
+# run on a GPU). OpenVINO and cuda packages do not (README "LoRAs on GPUs").
+SERVED_BY = ("cpu", "tensorrt")
 INDEX = "loras.json"
 FOLDER = "loras"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -91,8 +94,8 @@ def add_lora(package: Path, lora_file: Path, name: str, replace: bool = False) -
     target = read_manifest(package).target
     if target not in SERVED_BY:
         raise LoraError(
-            f"{package} is a {target} package; LoRAs are served with {', '.join(SERVED_BY)} packages for now "
-            f"(their weights are swapped per request through onnxruntime): add it to the cpu package of this model"
+            f"{package} is a {target} package; LoRAs are served with {' and '.join(SERVED_BY)} packages for now: "
+            f"add it to the cpu package of this model"
         )
     loras = list_loras(package)
     if name in loras and not replace:
