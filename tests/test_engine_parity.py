@@ -44,6 +44,11 @@ def diffusers_image(checkpoint, sampler, req: ImageRequest, monkeypatch) -> np.n
     kwargs = {}
     if req.guidance_rescale:
         kwargs["guidance_rescale"] = req.guidance_rescale
+    return run_diffusers(pipe, req, noise, **kwargs)
+
+
+def run_diffusers(pipe, req: ImageRequest, noise: np.ndarray, **kwargs) -> np.ndarray:
+    """diffusers' image for `req` from the engine's starting noise, as (H, W, 3) uint8."""
     with torch.no_grad():
         out = pipe(
             prompt=req.prompt,

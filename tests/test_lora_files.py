@@ -71,9 +71,14 @@ def _adapted(pipe) -> list[tuple[str, str, torch.nn.Module]]:
 
 def _random_pairs(pipe, seed: int, alpha: float | None = None) -> list[tuple[str, str, torch.Tensor, torch.Tensor, float]]:
     """(component, module, down, up, alpha): random non-zero weights, alpha differing per module."""
+    return random_pairs_for(_adapted(pipe), seed, alpha)
+
+
+def random_pairs_for(modules, seed: int, alpha: float | None = None) -> list[tuple[str, str, torch.Tensor, torch.Tensor, float]]:
+    """A random LoRA pair for each (component, name, module) of `modules`."""
     g = torch.Generator().manual_seed(seed)
     pairs = []
-    for i, (component, name, module) in enumerate(_adapted(pipe)):
+    for i, (component, name, module) in enumerate(modules):
         w = module.weight
         if w.ndim == 4:
             down = torch.randn(RANK, w.shape[1], w.shape[2], w.shape[3], generator=g) * 0.1

@@ -16,7 +16,7 @@ from engine.lora.apply import package_targets  # noqa: E402
 from engine.lora.ldm_names import UnetBlocks, ldm_unet_key, ldm_unet_names  # noqa: E402
 from export.ldm_layout import original_key  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
-from tests.test_lora_files import RANK, TE_MODULES, _package_weights, pipeline, write_kohya  # noqa: E402, F401
+from tests.test_lora_files import RANK, TE_MODULES, _package_weights, pipeline, random_pairs_for, write_kohya  # noqa: E402, F401
 
 # Every kind of UNet module a kohya LoRA can name, as the file spells it in the ldm layout.
 LDM_FORMS = (
@@ -51,23 +51,12 @@ def _every_pair(pipe, seed: int, alpha: float | None = None) -> list[tuple[str, 
     The text encoders get test_lora_files' set: diffusers' kohya converter reads a q_proj LoRA
     right only beside an out_proj one (seen with 0.39; without, it loads q_proj as `to_q_lora`
     and drops it)."""
-    g = torch.Generator().manual_seed(seed)
     modules = [("unet", n, m) for n, m in pipe.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     for component in ("text_encoder", "text_encoder_2"):
         if hasattr(pipe, component):
             for name in (f"text_model.encoder.layers.0.{m}" for m in TE_MODULES):
                 modules.append((component, name, getattr(pipe, component).get_submodule(name)))
-    pairs = []
-    for i, (component, name, module) in enumerate(modules):
-        w = module.weight
-        if w.ndim == 4:
-            down = torch.randn(RANK, w.shape[1], w.shape[2], w.shape[3], generator=g) * 0.1
-            up = torch.randn(w.shape[0], RANK, 1, 1, generator=g) * 0.1
-        else:
-            down = torch.randn(RANK, w.shape[1], generator=g) * 0.1
-            up = torch.randn(w.shape[0], RANK, generator=g) * 0.1
-        pairs.append((component, name, down, up, alpha if alpha is not None else float(1 + i % 8)))
-    return pairs
+    return random_pairs_for(modules, seed, alpha)
 
 
 def _ldm_named(family: str, pairs):

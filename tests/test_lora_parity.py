@@ -27,6 +27,7 @@ from engine.lora import add_lora  # noqa: E402
 from engine.pipeline import Pipeline, initial_noise  # noqa: E402
 from engine.request import ImageRequest, LoraChoice  # noqa: E402
 from export.diffusers_reference import reference_pipeline  # noqa: E402
+from tests.test_engine_parity import run_diffusers  # noqa: E402
 from tests.test_lora_files import _random_pairs, write_diffusers, write_kohya  # noqa: E402
 
 TOLERANCE = 2  # uint8 levels, as tests/test_engine_parity.py
@@ -92,18 +93,7 @@ class Side:
         req = request(self.family)
         self.diffusers.set_adapters([c.name for c in loras], adapter_weights=[c.scale for c in loras])
         noise, _ = initial_noise(req.seed, (4, req.height // 8, req.width // 8))
-        with torch.no_grad():
-            out = self.diffusers(
-                prompt=req.prompt,
-                negative_prompt=req.negative_prompt or None,
-                width=req.width,
-                height=req.height,
-                num_inference_steps=req.steps,
-                guidance_scale=req.guidance_scale,
-                latents=torch.from_numpy(noise[None]),
-                output_type="np",
-            ).images[0]
-        return (out * 255).round().astype(np.uint8)
+        return run_diffusers(self.diffusers, req, noise)
 
 
 @pytest.fixture(scope="module")
