@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory": memory, "stream": stream, "mixed_over_base": mixed / base,
     }
     RESULTS.mkdir(exist_ok=True)
-    name = "lora_quick.json" if args.quick else f"lora_{Path(package).parent.name}.json"
+    name = "lora_quick.json" if args.quick else f"lora_{Path(package).parent.name}_batch{args.max_batch}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"results: {RESULTS / name}")
     return 0

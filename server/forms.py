@@ -2,13 +2,15 @@
 
 The openai client sends files as `image` (one) or `image[]` (a list), scalars as text fields and
 its `extra_body` as more text fields. Text fields are converted to the struct's types ("2" -> 2
-for `n` is how forms carry numbers; `loras` is JSON text, as the openai client sends a list in
-`extra_body`), and any field that cannot be is a 400 naming it, as for JSON.
+for `n` is how forms carry numbers), and any field that cannot be is a 400 naming it, as for JSON.
+`loras` is a list of objects: the openai client's `extra_body` sends one as `loras[][name]` and
+`loras[][scale]` fields; a `loras` field of JSON text is read too (handier with curl).
 The body's size limit (server.max_body_bytes) is enforced while the form is read (413).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -21,6 +23,7 @@ from server.validation import explain
 
 FILE_FIELDS = ("image", "mask")
 JSON_FIELDS = ("loras",)  # structured fields: a form carries them as JSON text
+LIST_ITEM = re.compile(r"(\w+)\[(\d*)\]\[(\w+)\]")  # loras[][name], loras[0][scale]
 
 
 async def read_form(request: Request, struct_type: type) -> Any:
@@ -41,8 +44,13 @@ async def read_form(request: Request, struct_type: type) -> Any:
     values: dict[str, Any] = {}
     images: list[tuple[str, Any]] = []
     known = set(struct_type.__struct_fields__)
+    listed: dict[str, dict[str, list[str]]] = {}  # loras -> name -> the values of loras[][name]
     for key in form.keys():
         items = form.getall(key)
+        item_of = LIST_ITEM.fullmatch(key)
+        if item_of and item_of[1] in known:
+            listed.setdefault(item_of[1], {}).setdefault(item_of[3], []).extend(items)
+            continue
         if key in ("image", "image[]"):
             images += [(key, item) for item in items]
             continue
@@ -61,6 +69,10 @@ async def read_form(request: Request, struct_type: type) -> Any:
             values[key] = item
         if key in JSON_FIELDS:
             values[key] = _json_field(key, values[key])
+    for field, columns in listed.items():
+        if field in values:
+            raise InvalidBodyError(f"{field} is given both as JSON text and as {field}[][...] fields; send it once", param=field)
+        values[field] = _rows(field, columns)
     if {name for name, _ in images} == {"image", "image[]"}:
         raise InvalidBodyError("send the input as `image` or as `image[]`, not both", param="image")
     values["image"] = [await _file(item, f"image[{i}]" if name == "image[]" else "image") for i, (name, item) in enumerate(images)]
@@ -71,6 +83,18 @@ async def read_form(request: Request, struct_type: type) -> Any:
     except msgspec.ValidationError as e:
         message, param = explain(str(e))
         raise InvalidBodyError(message, param=param) from None
+
+
+def _rows(field: str, columns: dict[str, list[str]]) -> list[dict[str, str]]:
+    """loras[][name] = a, b and loras[][scale] = 0.5, 1 -> [{name: a, scale: 0.5}, {name: b, scale: 1}]."""
+    counts = {len(v) for v in columns.values()}
+    if len(counts) != 1:
+        raise InvalidBodyError(
+            f"the {field}[][...] fields do not pair up ({', '.join(f'{k}: {len(v)}' for k, v in columns.items())}); "
+            f"give every item each field, or send {field} as JSON text",
+            param=field,
+        )
+    return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
 
 def _json_field(key: str, text: str) -> Any:

@@ -143,8 +143,16 @@ class Generator:
             "image": hashlib.sha256(image).hexdigest() if image is not None else None,
             "mask": hashlib.sha256(mask).hexdigest() if mask is not None else None,
             "strength": strength,
-            "loras": loras or [],
         }
+        try:
+            # the worker gets the prompt without its <lora:...> tags, and the tags join `loras`
+            asked = with_prompt_loras(ImageRequest(prompt=prompt, loras=tuple(loras or ())))
+        except InvalidRequestError as e:
+            raise BadRequestError(str(e), param=e.param) from None
+        prompt = asked.prompt
+        if asked.loras:  # a request without LoRAs keeps the seed it had before LoRAs existed
+            content["prompt"] = prompt
+            content["loras"] = sorted([c.name, c.scale] for c in asked.loras)
         if seed is None:
             seed = derived_seed(content) if temperature == 0 else secrets.randbits(63)
         seed = min(seed, 2**63 - 1 - n)  # image k uses seed + k
@@ -163,10 +171,9 @@ class Generator:
             image=image,
             mask=mask,
             strength=strength,
-            loras=tuple(loras or ()),
+            loras=asked.loras,
         )
         try:
-            params = with_prompt_loras(params)  # the worker gets the prompt without its <lora:...> tags
             validate_request(params, model.limits)
         except UnknownLoraError:
             raise  # its own code (lora_not_found), message and param

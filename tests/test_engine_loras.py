@@ -45,12 +45,21 @@ def test_prompt_tags_are_taken_out(prompt, clean, tags):
         ("<lora::0.5>", "names no LoRA"),
         ("<lora:style:strong>", "'strong' is not a number"),
         ("<lora:style:0.5:1.0>", "one scale per LoRA"),
+        ("<lora:<lora:a>b> a cat", "holds another tag"),  # taking <lora:a> out would leave <lora: b>
+        ("a cat <lora:style", "is not closed"),
     ],
 )
 def test_bad_prompt_tags_are_refused_naming_the_tag(prompt, says):
     with pytest.raises(InvalidRequestError, match=says) as e:
         take_lora_tags(prompt)
     assert e.value.param == "prompt"
+
+
+def test_scales_count_to_three_decimals(pipe):
+    """0.8 and 0.80001 are one variant (one set of sessions); 0.0004 is the base."""
+    variant = pipe.loras.variant
+    assert variant([LoraChoice(name="style", scale=0.80001)], "unet") == variant([LoraChoice(name="style", scale=0.8)], "unet")
+    assert variant([LoraChoice(name="style", scale=0.0004)], "unet") == ()
 
 
 def test_tags_join_the_field_after_its_own():
@@ -208,6 +217,20 @@ def test_bad_lora_choices_are_refused_before_any_work(pipe, loras, error, says):
 def test_an_unknown_tag_in_the_prompt_is_refused(pipe):
     with pytest.raises(UnknownLoraError, match="'ghost'"):
         pipe.resolve(ImageRequest(**{**REQUEST, "prompt": "a cat <lora:ghost:0.5>"}))
+
+
+def test_a_lora_replaced_after_start_is_refused_not_half_applied(tmp_path, tiny_package, lora_files):
+    """The worker listed what `unet_only` changes when it started; `kiln lora add --replace` of a
+    file that also changes the text encoder must not be served with the old list."""
+    from engine.pipeline import Pipeline
+
+    package = tmp_path / "sd1"
+    shutil.copytree(tiny_package("sd1"), package)
+    add_lora(package, lora_files["unet_only"], "unet_only")
+    pipe = Pipeline(package, RuntimeOptions(threads=1))
+    add_lora(package, lora_files["style"], "unet_only", replace=True)
+    with pytest.raises(KilnError, match="LoRA 'unet_only': .* changed since it was added"):
+        one(pipe, loras=(LoraChoice(name="unet_only", scale=1.0),))
 
 
 def test_a_lora_file_changed_on_disk_is_refused_at_first_use(tmp_path, tiny_package, lora_files):

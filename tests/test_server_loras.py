@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.lora import add_lora
+from engine.lora import add_lora, remove_lora
 from tests._server import ALIASES, MODEL, serve_process
 
 torch = pytest.importorskip("torch")
@@ -35,6 +35,7 @@ def live(tmp_path_factory, tiny_package, tiny_checkpoint):
         add_lora(package, write_kohya(pairs, base / f"{name}.safetensors", "sd1"), name)
     (base / "run").mkdir()
     server = serve_process(package, base / "run")
+    server.extra["package"] = package
     yield server
     server.stop()
 
@@ -94,6 +95,7 @@ def test_openai_client_chooses_a_lora_by_field_or_prompt_tag(live):
         ("a cat", {"loras": [{"name": "style", "weight": 1}]}, "loras[0]", "invalid_type", "unknown field weight"),
         ("a cat <lora:style:loud>", {}, "prompt", "invalid_value", "'loud' is not a number"),
         ("a cat <lora:style:1>", {"loras": [{"name": "style"}]}, "loras", "invalid_value", "asked for twice"),
+        ("a cat <lora:<lora:style>ink>", {}, "prompt", "invalid_value", "holds another tag"),
     ],
 )
 def test_bad_loras_are_openai_errors_naming_them(live, prompt, extra, param, code, says):
@@ -132,3 +134,49 @@ def test_images_generations_and_edits_take_loras(live):
     assert edits[0].status_code == 200 and edits[1].status_code == 200, (edits[0].text, edits[1].text)
     assert edits[0].json()["data"][0]["b64_json"] != edits[1].json()["data"][0]["b64_json"]
     assert edits[2].status_code == 400 and edits[2].json()["error"]["param"] == "loras"
+    # the openai client's extra_body sends the list as loras[][name] / loras[][scale] form fields
+    answer = live.openai().images.edit(
+        image=("in.png", picture.getvalue(), "image/png"),
+        prompt="a lighthouse",
+        model="dall-e-2",
+        response_format="b64_json",
+        extra_body={"seed": 3, "loras": [{"name": "ink", "scale": 1.0}]},
+    )
+    assert answer.data[0].b64_json == edits[1].json()["data"][0]["b64_json"]
+
+
+def test_temperature_zero_seeds_do_not_depend_on_how_loras_are_asked(live):
+    def seed(prompt: str, **extra) -> int:
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}], "temperature": 0, **extra}
+        r = httpx.post(live.url + "/v1/chat/completions", headers=live.headers, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["seeds"][0]
+
+    both = [{"name": "style", "scale": 0.5}, {"name": "ink", "scale": 1.0}]
+    tagged = seed("a lighthouse <lora:ink:1> <lora:style:0.5>")
+    assert seed("a lighthouse", loras=both) == tagged == seed("a lighthouse", loras=both[::-1])
+    assert seed("a lighthouse") != tagged
+
+
+def test_workers_that_store_different_loras_offer_only_the_shared_ones(live, tmp_path):
+    """The pool may send a request to any worker of its model: a LoRA only some have is not offered."""
+    import asyncio
+
+    from engine.client.pool import WorkerPool
+    from tests._server import WORKER_TOKEN
+    from tests._workers import start_workers
+
+    package = live.extra["package"]
+    other = tmp_path / "sd1"
+    shutil.copytree(package, other)
+    remove_lora(other, "ink")
+    workers = [start_workers(package, token=WORKER_TOKEN), start_workers(other, token=WORKER_TOKEN)]
+    try:
+        async def listed():
+            async with WorkerPool([w.addresses[0] for w in workers], token=WORKER_TOKEN) as pool:
+                return {m.name: m.loras for m in await pool.models()}
+
+        assert asyncio.run(listed()) == {"sd1": ("style",)}
+    finally:
+        for w in workers:
+            w.stop()

@@ -428,7 +428,8 @@ class WorkerPool:
     # ---- models and metrics --------------------------------------------------------------
 
     async def models(self) -> list[ModelLimits]:
-        """The models the workers serve (each once, as its first answering worker describes it)."""
+        """The models the workers serve (each once, as its first answering worker describes it,
+        with only the LoRAs every worker serving it has: the pool may route to any of them)."""
         found: dict[str, ModelLimits] = {}
         await self._discovered()
         answered = False
@@ -442,12 +443,17 @@ class WorkerPool:
                 )
                 worker.models, worker.lacks = frozenset(entry.name for entry in index.models), set()
                 for entry in index.models:
-                    if entry.name in found:
-                        continue
                     meta = await worker.stub.ModelMetadata(
                         pb.ModelMetadataRequest(name=entry.name), timeout=self.probe_timeout, metadata=worker.metadata
                     )
-                    found[entry.name] = wire.decode_model_metadata(meta)
+                    info = wire.decode_model_metadata(meta)
+                    if entry.name not in found:
+                        found[entry.name] = info
+                    elif set(info.loras) != set(found[entry.name].loras):
+                        shared = tuple(name for name in found[entry.name].loras if name in info.loras)
+                        log.info("workers of %s store different LoRAs; serving those all have: %s",
+                                 entry.name, ", ".join(shared) or "none")
+                        found[entry.name] = msgspec.structs.replace(found[entry.name], loras=shared)
                 answered = True
                 self._accepted(worker)
             except grpc.aio.AioRpcError as e:

@@ -16,6 +16,7 @@ import re
 from engine.errors import InvalidRequestError
 
 TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
+OPENING = re.compile(r"<lora:", re.IGNORECASE)
 
 
 def take_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
@@ -23,11 +24,16 @@ def take_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     found: list[tuple[str, float]] = []
     for match in TAG.finditer(prompt):
         found.append(_read_tag(match.group(0), match.group(1)))
-    if not found:
+    if not found and not OPENING.search(prompt):
         return prompt, []
     # Removing a tag leaves its spaces behind; CLIP's tokenizer folds runs of whitespace anyway,
     # so folding them here changes no token and keeps the prompt that is logged readable.
-    return " ".join(TAG.sub(" ", prompt).split()), found
+    cleaned = " ".join(TAG.sub(" ", prompt).split())
+    if OPENING.search(cleaned):
+        # A tag inside a tag ("<lora:<lora:a>b>") leaves a new one behind: refused, so that the
+        # front end and the worker, which both take tags out, always agree on what was asked.
+        raise InvalidRequestError(f"a <lora:...> tag is not closed or holds another tag: {prompt[:120]!r}", param="prompt")
+    return cleaned, found
 
 
 def _read_tag(tag: str, body: str) -> tuple[str, float]:

@@ -147,10 +147,17 @@ def load_lora(package: Path, name: str) -> MatchedLora:
     loras = list_loras(package)
     if name not in loras:
         raise LoraNotFoundError(_not_found(package, name, loras))
-    entry = loras[name]
-    path = package / entry.file
+    return load_entry(package, loras[name])
+
+
+def load_entry(package: Path, entry: StoredLora) -> MatchedLora:
+    """The LoRA `entry` describes, if its file is still the one added (same sha256)."""
+    path = Path(package) / entry.file
     if not path.is_file() or _sha256(path) != entry.sha256:
-        raise PackageError(f"{path} is missing or changed since it was added; `kiln lora add` it again")
+        raise PackageError(
+            f"LoRA {entry.name!r}: {path} is missing or changed since it was added; `kiln lora add` it again "
+            f"and restart the workers"
+        )
     return match_lora(package, path)
 
 

@@ -14,16 +14,22 @@ initializer at a time, so building them needs one float32 tensor on top of the r
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 
 from engine.lora.apply import MatchedLora, MatchedPair, pair_delta
-from engine.lora.store import StoredLora, list_loras, load_lora
+from engine.lora.store import StoredLora, list_loras, load_entry
 
 Variant = tuple[tuple[str, float], ...]  # ((name, scale), ...) sorted by name; () = the base weights
+# Scales are applied to this many decimals: 0.8 and 0.80001 are one variant (one set of sessions),
+# not two, whatever a client sends.
+SCALE_DECIMALS = 3
+# LoRA files kept read (their low-rank factors: small next to a variant's weights) for the next
+# variant that uses them; older ones are read again when needed.
+MATCHED_KEPT = 8
 
 
 class LoraLibrary:
@@ -33,7 +39,7 @@ class LoraLibrary:
     def __init__(self, package: Path, stored: Mapping[str, StoredLora] | None = None):
         self.package = Path(package)
         self.stored: dict[str, StoredLora] = dict(list_loras(self.package) if stored is None else stored)
-        self._matched: dict[str, MatchedLora] = {}
+        self._matched: OrderedDict[str, MatchedLora] = OrderedDict()
         self._lock = threading.Lock()  # the scheduler and the session builder both read LoRAs
 
     @property
@@ -42,18 +48,23 @@ class LoraLibrary:
 
     def variant(self, choices: Iterable, component: str) -> Variant:
         """The variant of `component` for a request's LoRA choices (objects with name and scale)."""
-        picked = {
-            c.name: float(c.scale)
-            for c in choices
-            if c.scale != 0 and c.name in self.stored and component in self.stored[c.name].components
-        }
-        return tuple(sorted(picked.items()))
+        picked = {c.name: round(float(c.scale), SCALE_DECIMALS) for c in choices}
+        return tuple(sorted(
+            (name, scale)
+            for name, scale in picked.items()
+            if scale != 0 and name in self.stored and component in self.stored[name].components
+        ))
 
     def matched(self, name: str) -> MatchedLora:
+        """The LoRA as stored when the worker started: a file replaced since is refused, since
+        what it changes (components, shapes) was listed from the one it replaced."""
         with self._lock:
             found = self._matched.get(name)
             if found is None:
-                found = self._matched[name] = load_lora(self.package, name)
+                found = self._matched[name] = load_entry(self.package, self.stored[name])
+                while len(self._matched) > MATCHED_KEPT:
+                    self._matched.popitem(last=False)
+            self._matched.move_to_end(name)
             return found
 
     def changed_weights(self, component: str, variant: Variant, base: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
