@@ -143,6 +143,9 @@ class Pipeline:
     # do, through `add_initializer` (engine/sessions.py). A runtime that does not serves none, so
     # a request naming one is refused (its ModelLimits list no LoRA).
     serves_loras = True
+    # Whether running another LoRA variant than the last call's costs work of its own (TensorRT:
+    # a refit of the engine). The scheduler then keeps one variant's turn a few calls longer.
+    variant_switch_cost = False
 
     def __new__(cls, package: Path | str, *args, **kwargs):
         if cls is Pipeline:

@@ -16,7 +16,7 @@ import pytest
 
 from engine.errors import QueueFullError, RequestCancelledError
 from engine.request import ImageRequest, LoraChoice
-from engine.worker.scheduler import Job, JobFailed, JobResult, Scheduler
+from engine.worker.scheduler import STICKY_CALLS, Job, JobFailed, JobResult, Scheduler
 
 
 class FakeSample:
@@ -124,6 +124,24 @@ def test_samples_share_a_unet_call_only_with_the_same_loras(pipe):
     groups = [sorted(ids) for _, ids in pipe.calls]
     assert groups == [sorted([base.id, base_too.id]), [styled.id], sorted([both.id, both_again.id])] * 2
     assert pipe.prepared == [5], "every prompt was still text-encoded at one admission"
+
+
+def test_a_runtime_that_refits_per_variant_keeps_a_variants_turn(pipe):
+    """TensorRT refits an engine to switch LoRAs: two variants of one size take turns in runs of
+    STICKY_CALLS calls, not call by call; another size still gets its turn in between."""
+    pipe.variant_switch_cost = True
+    s = Scheduler({"m": pipe}, max_batch=8)
+    a, _ = make_job(s, 64, steps=10, loras=[LoraChoice(name="a", scale=1.0)])
+    b, _ = make_job(s, 64, steps=10, loras=[LoraChoice(name="b", scale=1.0)])
+    other, _ = make_job(s, 128, steps=2)
+    for job in (a, b, other):
+        s.submit(job)
+    run(s)
+    at_64 = [ids[0] for width, ids in pipe.calls if width == 64]
+    switches = sum(1 for x, y in zip(at_64, at_64[1:]) if x != y)
+    assert at_64 == [a.id] * STICKY_CALLS + [b.id] * STICKY_CALLS + [a.id, a.id, b.id, b.id]
+    assert switches == 3  # call by call it would be 19
+    assert [width for width, _ in pipe.calls][:3] == [64, 128, 64], "the other size was not held up"
 
 
 def test_a_request_joins_the_running_batch_at_the_next_step_and_leaves_when_done(pipe):

@@ -34,6 +34,7 @@ INSTALL = {
 
 class TensorRTPipeline(ResidentConditioning):
     serves_loras = False  # until `_providers` finds the engines LoRAs adapt refittable
+    variant_switch_cost = True  # an engine switched to other LoRAs is refitted (engine/tensorrt/refit.py)
 
     def _providers(self) -> list[str]:
         missing = [m for m in INSTALL if importlib.util.find_spec(m) is None]

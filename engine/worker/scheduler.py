@@ -19,7 +19,9 @@ Each iteration of the loop:
      admitted at one boundary are text-encoded in one `Pipeline.prepare` call per model;
   4. picks one group round-robin: every group with running samples gets one UNet call per round,
      and a group that becomes busy joins the round at the back. A group therefore waits at most
-     (number of other groups) calls between two of its steps: no size starves, whatever the mix;
+     (number of other groups) calls between two of its steps: no size starves, whatever the mix.
+     (On a runtime where switching LoRA variants costs a refit, a group may keep the turn for up
+     to STICKY_CALLS calls before another variant of its size takes it.)
   5. advances up to `max_batch` of that group's samples, oldest first, by one step with one UNet
      call (each sample at its own step, sampler and guidance: `Pipeline.denoise_step`);
   6. decodes the samples that just finished, in one VAE call, and hands their pixels to a thread
@@ -109,6 +111,10 @@ COUNTERS = (
 # Summed over every pipeline's session caches (engine/session_cache.py CacheStats).
 SESSION_COUNTERS = {"builds": "session_builds", "build_failures": "session_build_failures", "evictions": "session_evictions"}
 SESSION_GAUGES = {"cached": "sessions_cached", "pinned": "sessions_pinned", "building": "sessions_building"}
+# A runtime whose engine holds one LoRA variant at a time (TensorRT refits it: `Pipeline.
+# variant_switch_cost`) stays on one variant's group for at most this many UNet calls in a row
+# while another variant of the same size waits, rather than switching at every call.
+STICKY_CALLS = 8
 # The longest the loop sleeps with requests waiting and nothing to run: a safety net, since every
 # event that can make a waiting request admissible wakes it (a build ending, a release, a submit).
 IDLE_WAIT_S = 1.0
@@ -239,6 +245,9 @@ class Scheduler:
         # The running set, touched by the loop thread only.
         self._groups: dict[GroupKey, list[Sample]] = {}
         self._order: deque[GroupKey] = deque()
+        # (model, latent shape) -> (the UNet variant it ran last, calls in a row), for runtimes
+        # whose engine switches variants at a cost (see STICKY_CALLS)
+        self._engines: dict[tuple, tuple[tuple, int]] = {}
         self._running_jobs: set[Job] = set()
         self._running_images = 0  # written by the loop thread, read by metrics()
         self._counts: Counter[str] = Counter({name: 0 for name in COUNTERS})
@@ -399,6 +408,7 @@ class Scheduler:
                 self._running_jobs.clear()
                 self._groups.clear()
                 self._order.clear()
+                self._engines.clear()
                 continue
             if not busy:  # every waiting request waits for its sessions: sleep until that changes
                 with self._cv:
@@ -612,13 +622,27 @@ class Scheduler:
             self._groups.pop(key, None)
             if key in self._order:
                 self._order.remove(key)
+            if self._engines.get(key[:2], (None,))[0] == key[2]:
+                del self._engines[key[:2]]  # its variant is done: the next one may take the engine
 
     def _next_group(self) -> GroupKey | None:
         if not self._order:
             return None
-        key = self._order.popleft()
+        key = next((k for k in self._order if not self._defers(k)), self._order[0])
+        self._order.remove(key)
         self._order.append(key)
+        if getattr(self.pipelines[key[0]], "variant_switch_cost", False):
+            variant, streak = self._engines.get(key[:2], (None, 0))
+            self._engines[key[:2]] = (key[2], streak + 1 if variant == key[2] else 1)
         return key
+
+    def _defers(self, key: GroupKey) -> bool:
+        """Whether `key` waits its turn: it would switch its engine to other LoRAs while the
+        variant there has had fewer than STICKY_CALLS calls in a row and still has samples."""
+        if not getattr(self.pipelines[key[0]], "variant_switch_cost", False):
+            return False
+        variant, streak = self._engines.get(key[:2], (None, 0))
+        return variant is not None and variant != key[2] and streak < STICKY_CALLS and (*key[:2], variant) in self._groups
 
     def _step(self, key: GroupKey) -> None:
         model = key[0]
