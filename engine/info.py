@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.lora.store import list_loras
 from engine.manifest import read_manifest
 
 
@@ -34,5 +35,9 @@ def describe_package(package: Path) -> str:
         rows.append(("", f"out: {' '.join(_shape(s) for s in comp.outputs[:3])}" + (" ..." if len(comp.outputs) > 3 else "")))
     for tok in m.tokenizers:
         rows.append(("tokenizer", f"{tok.folder}/tokenizer.json, max {tok.max_length} tokens, pad id {tok.pad_id}"))
+    loras = list_loras(package)
+    rows.append(("loras", f"{len(loras)} (`kiln lora add` stores one; a request uses it as <lora:NAME:0.8>)"))
+    for entry in loras.values():
+        rows.append(("", f"{entry.name}: {entry.layout}, {entry.weights} weights of {', '.join(entry.components)}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

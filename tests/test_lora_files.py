@@ -4,6 +4,7 @@ deltas equal to diffusers' fused weights, stored with the package; bad files ref
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -348,5 +349,8 @@ def test_cli_lora_add_list_remove(package_copy, pipeline, tmp_path, capsys):
     assert main(["lora", "add", str(package_copy), str(path), "--name", "style"]) == 2  # taken
     assert main(["lora", "list", str(package_copy)]) == 0
     assert "style" in capsys.readouterr().out
+    assert main(["info", str(package_copy)]) == 0
+    info = capsys.readouterr().out
+    assert re.search(r"^loras +1 ", info, re.M) and "style: kohya," in info
     assert main(["lora", "remove", str(package_copy), "style"]) == 0
     assert main(["lora", "remove", str(package_copy), "style"]) == 2
