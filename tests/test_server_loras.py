@@ -180,3 +180,43 @@ def test_workers_that_store_different_loras_offer_only_the_shared_ones(live, tmp
     finally:
         for w in workers:
             w.stop()
+
+
+def test_a_mixed_lora_stream_with_one_session_slot_loses_nothing(live):
+    """Four variants at two sizes through a worker that keeps one unpinned session per component:
+    every request evicts and rebuilds others' sessions (in the background, while requests hold
+    theirs), and every answer is the image that variant draws alone."""
+    import asyncio
+
+    from engine.client.pool import WorkerPool
+    from engine.pipeline import Pipeline
+    from engine.request import ImageRequest, LoraChoice
+    from engine.sessions import RuntimeOptions
+    from tests._server import WORKER_TOKEN
+    from tests._workers import TOLERANCE, metrics, pixels as png_pixels, start_workers
+
+    package = live.extra["package"]
+    variants = [(), (LoraChoice(name="style", scale=1.0),), (LoraChoice(name="ink", scale=0.7),),
+                (LoraChoice(name="ink", scale=0.5), LoraChoice(name="style", scale=0.5))]
+    asks = [(loras, size) for size in ((64, 64), (96, 64)) for loras in variants]
+
+    def request(loras, size) -> ImageRequest:
+        return ImageRequest(model="sd1", prompt="a lighthouse", width=size[0], height=size[1], seed=5, steps=2, loras=loras)
+
+    alone = Pipeline(package, RuntimeOptions(threads=1))
+    expected = {i: alone.generate([request(*ask)])[0] for i, ask in enumerate(asks)}
+    workers = start_workers(package, token=WORKER_TOKEN, session_cache=1, max_batch=4)
+    try:
+        async def stream():
+            async with WorkerPool(workers.addresses, token=WORKER_TOKEN) as pool:
+                return await asyncio.gather(*(pool.generate(request(*asks[k % len(asks)]), timeout=120) for k in range(24)))
+
+        results = asyncio.run(stream())
+        counters = metrics(workers.addresses[0], WORKER_TOKEN)
+    finally:
+        workers.stop()
+    for k, result in enumerate(results):
+        got = png_pixels(result.images_png[0])
+        assert np.abs(got.astype(int) - expected[k % len(asks)]).max() <= TOLERANCE, f"request {k}: {asks[k % len(asks)]}"
+    assert counters["session_evictions"] > 0, "the stream never evicted a session: the test lost its point"
+    assert counters["requests_completed"] == 24 and counters["requests_failed"] == 0
