@@ -311,6 +311,33 @@ def test_a_painted_mask_is_sent_to_images_edits_transparent_where_painted(page):
     assert alpha.getpixel((32, 4)) == 255 and alpha.getpixel((2, 32)) == 255  # unpainted: kept
 
 
+def test_the_models_loras_are_offered_and_add_their_tag_to_the_prompt(page):
+    """/v1/models lists a model's LoRAs; the page offers them under the model. (The shared server's
+    model has none, so its listing is given two; asking for one then is the server's real 400.)"""
+
+    def with_loras(route):
+        listing = route.fetch().json()
+        for model in listing["data"]:
+            model["loras"] = ["ink", "style"] if model["id"] == "gpt-4o" else []
+        route.fulfill(json=listing)
+
+    page.route("**/v1/models", with_loras)
+    enter_key(page)
+    page.get_by_label("Model").select_option("gpt-4o")
+    offered = page.locator("#loras")
+    offered.wait_for()
+    assert offered.inner_text() == "LoRAs: ink, style"
+    page.get_by_label("Prompt", exact=True).fill("a cat")
+    page.get_by_role("button", name="Add the LoRA style to the prompt").click()
+    assert page.get_by_label("Prompt", exact=True).input_value() == "a cat <lora:style:0.8>"
+    page.get_by_role("button", name="Generate").click()
+    error = page.locator("#prompt-error")
+    error.wait_for()
+    assert "no LoRA named 'style'" in error.inner_text()
+    page.get_by_label("Model").select_option(MODEL)
+    assert offered.is_hidden()
+
+
 def test_a_400_appears_next_to_the_control_it_names(page):
     enter_key(page)
     generate(page, "too many", **{"Images (n)": "3"})  # the test server allows n <= 2

@@ -54,15 +54,37 @@ function forgetKey() {
   ui.key.focus();
 }
 
+let loraNames = new Map(); // model id -> the LoRAs /v1/models lists for it
+
 async function loadModels() {
   clearError(ui.key);
   clearError(ui.model);
   const previous = ui.model.value;
   const response = await call("/v1/models", { key: currentKey() });
   const { data } = await response.json();
+  loraNames = new Map(data.map((m) => [m.id, m.loras || []]));
   ui.model.replaceChildren(...data.map((m) => el("option", { value: m.id, text: m.id })));
   if (data.some((m) => m.id === previous)) ui.model.value = previous;
+  showLoras();
   return data;
+}
+
+/** The chosen model's LoRAs, each a button that adds `<lora:NAME:0.8>` to the prompt (README, "LoRAs"). */
+function showLoras() {
+  const names = loraNames.get(ui.model.value) || [];
+  ui.loras.hidden = names.length === 0;
+  ui.loras.replaceChildren(
+    "LoRAs: ",
+    ...names.flatMap((name, i) => {
+      const add = el("button", { type: "button", class: "link", text: name, "aria-label": `Add the LoRA ${name} to the prompt` });
+      add.addEventListener("click", () => {
+        const prompt = ui.prompt.value.trimEnd();
+        ui.prompt.value = `${prompt}${prompt ? " " : ""}<lora:${name}:0.8>`;
+        ui.prompt.focus();
+      });
+      return i ? [", ", add] : [add];
+    }),
+  );
 }
 
 let checking = null; // {key, done}: the key being tried (Enter fires both the form's submit and the field's change)
@@ -331,6 +353,7 @@ function start() {
   document.addEventListener("keydown", (e) => {
     if (e.key === "Escape" && state.controller) state.controller.abort();
   });
+  ui.model.addEventListener("change", showLoras);
   ui.size.addEventListener("change", () => {
     ui.sizeCustomField.hidden = ui.size.value !== "custom";
     if (!ui.sizeCustomField.hidden) ui.sizeCustom.focus();

@@ -9,6 +9,7 @@ export const ui = {
   compose: $("compose"),
   prompt: $("prompt"),
   model: $("model"),
+  loras: $("loras"),
   size: $("size"),
   sizeCustomField: $("size-custom-field"),
   sizeCustom: $("size-custom"),

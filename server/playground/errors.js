@@ -17,6 +17,7 @@ const PARAM_FIELDS = [
   [/^strength$/, ui.strength],
   [/^(image|mask)/, ui.paintMask],
   [/^(prompt|messages)/, ui.prompt],
+  [/^loras/, ui.prompt], // the page asks for LoRAs with <lora:NAME:SCALE> in the prompt
 ];
 const ERROR_LINE = new Map([
   [ui.key, $("api-key-error")],
