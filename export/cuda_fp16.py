@@ -2,7 +2,7 @@
 
 Per component, as onnxruntime's own `optimize_pipeline.py` does for Stable Diffusion:
   1. `onnxruntime.transformers.optimizer.optimize_model` with model_type clip / unet / vae and
-     `use_gpu=True`: fused MultiHeadAttention (packed QKV / KV), GroupNorm and SkipGroupNorm
+     `use_gpu=True`: fused Attention / MultiHeadAttention, GroupNorm and SkipGroupNorm
      (channels last), NhwcConv, BiasSplitGelu, BiasAdd, LayerNorm/SkipLayerNorm. These are
      com.microsoft operators with CUDA kernels; most have no CPU kernel, so the package only
      runs on the CUDA execution provider. opt_level=0: no onnxruntime session is made, the
@@ -15,6 +15,12 @@ Per component, as onnxruntime's own `optimize_pipeline.py` does for Stable Diffu
      activations exceed 65504 and the image goes black; onnxruntime's script does the same) and
      its encoder (diffusers upcasts the whole SDXL VAE, `force_upcast`, to encode as well).
      Anything else that overflows is caught at decode (NonFiniteOutputError), never returned.
+  4. LoRA-adaptable weights keep their cpu-package names (`_restore_lora_weights`):
+     the fusions that re-lay a weight out (q, k, v stacked for Attention; NhwcConv's channels-last
+     copy) get it back from the original initializers through a Concat / Transpose, which a base
+     session folds once at load; a LoRA variant's session does not fold them (engine/cuda/variants.py
+     says why), so its `add_initializer` overrides reach the fused operators. weights.json records
+     the cpu package's `param`/`transposed` for them.
 
 `derive_cuda_package` makes the same package from an exported cpu package's graphs without
 exporting from PyTorch again (`python -m export.cuda_fp16 build/<name>/cpu`).
@@ -26,7 +32,9 @@ version of that one method that reads the element instead (same result on older 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # Package component -> the optimiser's model_type.
 MODEL_TYPES = {"text_encoder": "clip", "text_encoder_2": "clip", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+# The components LoRAs adapt (engine/lora/layouts.py COMPONENTS), by model_type.
+LORA_MODEL_TYPES = ("unet", "clip")
 # Fusions onnxruntime implements for CUDA only: off for a CPU-runnable graph (tests).
 GPU_ONLY_FUSIONS = (
     "enable_nhwc_conv",
@@ -60,6 +70,13 @@ def fusion_options(model_type: str, gpu: bool = True):
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(model_type)
+    # Packing interleaves q, k, v (or k, v) per head into one weight, which no single LoRA target
+    # (an initializer, maybe transposed) can describe; unpacked, self-attention's weight is q|k|v
+    # side by side and cross-attention keeps its three MatMuls, so LoRAs reach them. The cost is
+    # GPU speed: onnxruntime's packed MultiHeadAttention kernels are its fastest SD path (cross
+    # attention runs two more GEMMs; not yet measured on a GPU).
+    options.enable_packed_qkv = False
+    options.enable_packed_kv = False
     if not gpu:
         for name in GPU_ONLY_FUSIONS:
             setattr(options, name, False)
@@ -129,11 +146,125 @@ def _time_embedding_nodes(graph) -> list[str]:
     return list(found)
 
 
+def _index(model_path: Path) -> dict:
+    path = model_path.parent / "weights.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _weight_hashes(folder: Path) -> dict[tuple, str]:
+    """(shape, sha256 of the float32 bytes) -> initializer name, for every weight of the graph
+    in `folder` that a LoRA could adapt (2-d and 4-d float32, from its weights.bin)."""
+    index = _index(folder / "model.onnx")
+    if not index:
+        return {}
+    blob = np.memmap(folder / "weights.bin", dtype=np.uint8, mode="r")
+    out = {}
+    for name, entry in index.items():
+        if entry["dtype"] == "float32" and len(entry["shape"]) in (2, 4):
+            raw = blob[entry["offset"] : entry["offset"] + entry["length"]]
+            out[tuple(entry["shape"]), hashlib.sha256(raw).hexdigest()] = name
+    return out
+
+
+def _find(originals: dict[tuple, str], array: np.ndarray) -> str | None:
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return originals.get((tuple(array.shape), hashlib.sha256(array.tobytes()).hexdigest()))
+
+
+def _restore_lora_weights(graph, originals: dict[tuple, str]) -> int:
+    """Give back the cpu package's weights that a fusion re-laid out, so LoRAs can find them.
+
+    Self-attention's Attention weight (in, 3 x out) is q | k | v side by side (packing off) and
+    becomes Concat(q, k, v, axis=1); an NhwcConv weight (out, kh, kw, in) becomes
+    Transpose(original (out, in, kh, kw)). Each original is found by value, so a rename by the
+    optimiser does not matter. A base session folds both nodes once at load; onnxruntime's
+    constant folding reads the model's own initializer, not one given with `add_initializer`, so
+    LoRA variant sessions turn it off and run the Concat / Transpose each call (a copy of the
+    weight: small next to the matmul or convolution it feeds).
+    Returns how many fused weights were replaced.
+    """
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+    restored: dict[str, np.ndarray] = {}
+    replaced = 0
+    for node in list(graph.node):
+        if len(node.input) < 2 or node.input[1] not in initializers or node.input[1] in originals.values():
+            continue
+        fused_name = node.input[1]
+        fused = numpy_helper.to_array(initializers[fused_name])
+        if node.op_type == "Attention" and fused.ndim == 2 and fused.shape[1] % 3 == 0:
+            parts = np.split(fused, 3, axis=1)
+            op = helper.make_node("Concat", [], [fused_name], name=fused_name + "_from_qkv", axis=1)
+        elif node.op_type == "NhwcConv" and fused.ndim == 4:
+            parts = [fused.transpose(0, 3, 1, 2)]
+            op = helper.make_node("Transpose", [], [fused_name], name=fused_name + "_from_nchw", perm=[0, 2, 3, 1])
+        else:
+            continue
+        names = [_find(originals, part) for part in parts]
+        if None in names:
+            log.warning("%s: %s's weight matches no original weight; LoRAs cannot adapt it", node.name, node.op_type)
+            continue
+        for name, part in zip(names, parts):
+            restored.setdefault(name, np.ascontiguousarray(part))
+        op.input.extend(names)
+        graph.initializer.remove(initializers.pop(fused_name))
+        graph.node.insert(list(graph.node).index(node), op)
+        replaced += 1
+    for name, array in restored.items():
+        if name not in initializers:
+            graph.initializer.append(numpy_helper.from_array(array, name))
+    return replaced
+
+
+def _recorded_params(model_path: Path) -> dict[str, dict]:
+    """initializer -> its entry in the cpu package's weights.json (with `param`/`transposed`
+    where the export recorded them)."""
+    return _index(model_path)
+
+
+def _record_params(model_path: Path, params: dict[str, dict]) -> None:
+    """Copy the cpu package's parameter names onto the same weights of the rewritten graph
+    (split_weights finds them from MatMul node names, which the fusions replaced).
+
+    A cpu-package weight that fp16 made small enough for split_weights to keep inside model.onnx
+    (under 1 KiB: tiny test models) is moved to weights.bin, since LoRAs and the engine's
+    shared buffers only see the weights weights.json lists."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    from export.package import ONNX_DTYPES
+
+    index = _index(model_path)
+    model = onnx.load(str(model_path), load_external_data=False)
+    moved = False
+    with open(model_path.parent / "weights.bin", "ab") as blob:
+        for init in model.graph.initializer:
+            if init.name not in params or init.name in index or not init.HasField("raw_data"):
+                continue
+            offset = blob.seek(0, 2)
+            blob.write(init.raw_data)
+            index[init.name] = {"dtype": ONNX_DTYPES[init.data_type], "shape": list(init.dims),
+                                "offset": offset, "length": len(init.raw_data)}
+            set_external_data(init, "weights.bin", offset, len(init.raw_data))
+            init.ClearField("raw_data")
+            init.data_location = onnx.TensorProto.EXTERNAL
+            moved = True
+    if moved:
+        onnx.save_model(model, str(model_path))
+    for name, entry in index.items():
+        known = params.get(name)
+        if known and "param" in known and "param" not in entry and known["shape"] == entry["shape"]:
+            entry.update(param=known["param"], transposed=known["transposed"])
+    (model_path.parent / "weights.json").write_text(json.dumps(index))
+
+
 def optimise_graph(path: Path, model_type: str, fp16: bool, gpu: bool = True) -> dict[str, int]:
     """Fuse (and convert) path's graph, writing it back to `path` with its weights beside it as
     model.onnx.data. Returns the counts of the fused operators it made."""
     from onnxruntime.transformers.optimizer import optimize_model
 
+    originals = _weight_hashes(path.parent) if model_type in LORA_MODEL_TYPES else {}  # before the rewrite below deletes weights.bin
     with _numpy2_head_detection(), _quiet_optimizer_logs():
         model = optimize_model(
             str(path),
@@ -146,6 +277,8 @@ def optimise_graph(path: Path, model_type: str, fp16: bool, gpu: bool = True) ->
         )
     with _quiet_optimizer_logs():
         counts = {op: n for op, n in model.get_fused_operator_statistics().items() if n}
+        if model_type in LORA_MODEL_TYPES:
+            _restore_lora_weights(model.model.graph, originals)
         if fp16:
             keep = _time_embedding_nodes(model.model.graph)
             model.convert_float_to_float16(keep_io_types=True, node_block_list=keep)
@@ -162,6 +295,9 @@ def optimise_package(folder: Path, components: dict, family: str, gpu: bool = Tr
     Returns (components, details) where details say what each component became; the caller
     re-splits the weights so the engine can map them.
     """
+    import msgspec
+
+    from export.checkpoint import sha256_file
     from export.package import split_weights
 
     keep32 = fp32_components(family)
@@ -171,9 +307,14 @@ def optimise_package(folder: Path, components: dict, family: str, gpu: bool = Tr
         model_type = MODEL_TYPES[name]
         fp16 = name not in keep32
         log.info("  %s: onnxruntime %s fusions%s", name, model_type, ", fp16" if fp16 else ", kept fp32")
+        params = _recorded_params(folder / component.file)
         details["fused_operators"][name] = optimise_graph(folder / component.file, model_type, fp16, gpu)
         details["component_precision"][name] = "fp16" if fp16 else "fp32"
-        out[name] = split_weights(folder / component.file)
+        split = split_weights(folder / component.file)
+        if model_type in LORA_MODEL_TYPES:
+            _record_params(folder / component.file, params)
+            split = msgspec.structs.replace(split, sha256=sha256_file(folder / component.file))
+        out[name] = split
     return out, details
 
 

@@ -254,7 +254,7 @@ def test_a_runtime_without_loras_lists_none(tmp_path, tiny_package, tiny_target_
 
     package = tmp_path / "ov"
     shutil.copytree(tiny_target_package("sd1", "openvino"), package)
-    with pytest.raises(LoraError, match="is a openvino package; LoRAs are served with cpu and tensorrt packages"):
+    with pytest.raises(LoraError, match="is a openvino package; LoRAs are served with cpu, cuda and tensorrt packages"):
         add_lora(package, lora_files["unet_only"], "unet_only")
     assert not (package / "loras.json").exists()
     # LoRAs copied over by hand are listed by the package but not served

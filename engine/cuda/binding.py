@@ -16,6 +16,11 @@ that run without a graph are kept, least recently used dropped first (their devi
 with them). Keys with a CUDA graph are kept for good: onnxruntime frees no captured graph, and
 `graph_slots` already bounds them.
 
+LoRA variants (engine/lora/variants.py) run on sessions of their own, given by
+`session_for(fixed_dims, variant)`. Their keys never get a CUDA graph: a graph is kept for good,
+and a variant's session is let go when it falls out of its bound (engine/cuda/variants.py), at
+which point `forget(session)` drops its bindings with their device buffers.
+
 The same code runs on the CPU execution provider with `device="cpu"`, which is how it is tested
 without a GPU; CUDA graphs exist on CUDA only.
 """
@@ -34,7 +39,8 @@ import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
-SessionFor = Callable[[dict[str, int] | None], ort.InferenceSession]
+# session_for(fixed_dims) for the base weights, session_for(fixed_dims, variant) for a LoRA variant
+SessionFor = Callable[..., ort.InferenceSession]
 
 
 @dataclass
@@ -62,6 +68,9 @@ class _Bound:
     """One key's binding: device buffers at fixed addresses and what was last copied into them."""
 
     io: ort.IOBinding
+    # Held so the session outlives its bindings: keys start with id(session), which a session
+    # made after this one was freed could otherwise reuse.
+    session: ort.InferenceSession
     inputs: dict[str, ort.OrtValue]
     outputs: dict[str, ort.OrtValue] = field(default_factory=dict)  # empty until the first run
     last: dict[str, np.ndarray] = field(default_factory=dict)  # host array last uploaded per input
@@ -108,15 +117,18 @@ class BoundComponent:
         """The keys that run as CUDA graphs, in order of their graph ids."""
         return sorted((k for k, b in self._bound.items() if b.graph_id >= 0), key=lambda k: self._bound[k].graph_id)
 
-    def run(self, feeds: dict[str, np.ndarray], fixed_dims: dict[str, int] | None = None) -> list[np.ndarray]:
-        """Copy changed inputs in, run, copy every output back: (host arrays in output_names order)."""
+    def run(
+        self, feeds: dict[str, np.ndarray], fixed_dims: dict[str, int] | None = None, variant: tuple = ()
+    ) -> list[np.ndarray]:
+        """Copy changed inputs in, run, copy every output back: (host arrays in output_names order).
+        `variant`: the LoRA variant to run (() = the base weights)."""
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise ValueError(f"{self.name}: missing inputs {', '.join(missing)}")
-        session = self.session_for(fixed_dims)
+        session = self.session_for(fixed_dims, variant) if variant else self.session_for(fixed_dims)
         key = (id(session), *((n, feeds[n].shape, feeds[n].dtype.str) for n in self.input_names))
         with self._lock:  # one run at a time per component: the buffers are shared state
-            bound = self._bound.get(key) or self._bind(key, session, feeds)
+            bound = self._bound.get(key) or self._bind(key, session, feeds, graphable=not variant)
             self._bound.move_to_end(key)
             t0 = time.perf_counter()
             self._copy_in(bound, feeds)
@@ -148,7 +160,16 @@ class BoundComponent:
 
     # ---- binding --------------------------------------------------------------------------
 
-    def _bind(self, key: tuple, session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> _Bound:
+    def forget(self, session: ort.InferenceSession) -> int:
+        """Drop every binding of `session` (one let go), freeing its device buffers; returns how
+        many. The bindings hold the session (`_Bound.session`), so this is what frees it too."""
+        with self._lock:
+            stale = [k for k, b in self._bound.items() if k[0] == id(session) and b.graph_id < 0]
+            for key in stale:
+                del self._bound[key]
+        return len(stale)
+
+    def _bind(self, key: tuple, session: ort.InferenceSession, feeds: dict[str, np.ndarray], graphable: bool = True) -> _Bound:
         io = session.io_binding()
         inputs = {}
         for name in self.input_names:
@@ -158,8 +179,8 @@ class BoundComponent:
             inputs[name] = value
         for name in self.output_names:  # the first run allocates them; their shapes fix the buffers
             io.bind_output(name, self.device, self.device_id)
-        bound = _Bound(io=io, inputs=inputs)
-        if self._graphs_used < self.graph_slots:
+        bound = _Bound(io=io, session=session, inputs=inputs)
+        if graphable and self._graphs_used < self.graph_slots:
             bound.graph_id = self._graphs_used
             self._graphs_used += 1
             log.info("%s: CUDA graph %d for %s", self.name, bound.graph_id, _describe(key))

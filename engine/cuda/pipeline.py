@@ -11,6 +11,10 @@ What moves between host and device, per denoising step of R UNet rows at latent 
     against a step of milliseconds; `benchmarks/gpu_check.py` measures the share (the issue's
     bound is 2 % of a step) from `BoundComponent.stats`.
 Finished images come back once, from the VAE decoder.
+
+LoRAs: a variant runs on a session of its own per component (engine/cuda/variants.py), with the
+variant's changed fp16 weights given by `add_initializer` and every other weight read from the
+package; export/cuda_fp16.py keeps those weights findable by their torch parameter names.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import numpy as np
 import onnxruntime as ort
 
 from engine.cuda.binding import BoundComponent
+from engine.cuda.variants import DISABLED_OPTIMIZERS, VariantSessions
 from engine.errors import PackageError
 from engine.manifest import Component
 from engine.pipeline import Pipeline, Sample
-from engine.sessions import ComponentSessions, GpuOptions, check_provider
+from engine.lora.layouts import COMPONENTS as LORA_COMPONENTS
+from engine.lora.variants import Variant
+from engine.sessions import ComponentSessions, GpuOptions, SharedWeights, VariantWeights, check_provider
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +93,9 @@ class BoundPipeline(ResidentConditioning):
     code is tested without a GPU; `CudaPipeline` is the one the engine picks for cuda packages.
     """
 
-    # Not yet: onnxruntime's SD optimiser fused this fp16 graph (q, k and v packed into one weight,
-    # 84 -> 56 UNet initializers on the tiny SD 1 model), so a LoRA's to_q/to_k/to_v deltas have
-    # no weight of their own to go to. README "LoRAs on GPUs" has the design.
-    serves_loras = False
+    # The cpu twin serves LoRAs through ComponentSessions' variant sessions; CudaPipeline through
+    # one extra CUDA session per variant (README "LoRAs on GPUs").
+    serves_loras = True
 
     device = "cpu"
 
@@ -97,7 +103,9 @@ class BoundPipeline(ResidentConditioning):
         component = self.manifest.components[name]
         # Unbounded: BoundComponent keeps an IOBinding per session it is given, for good, so an
         # evicted session would live on in it (and its id could be reused by a new one).
-        sessions = ComponentSessions(self.package, name, component, self.providers, self.options, bounded=False)
+        sessions = ComponentSessions(
+            self.package, name, component, self.providers, self.options, bounded=False, loras=self.loras
+        )
         return BoundComponent(name, sessions.session, *_io_names(component), device="cpu")
 
 
@@ -134,15 +142,33 @@ class CudaPipeline(BoundPipeline):
             log.warning("%s: onnxruntime cannot use CUDA graphs here, running without them: %s", name, e)
             self.graph_refusals[name] = str(e)
             graphs, session = 0, self._cuda_session(name, False)
+        variants = self._variant_sessions(name) if self.loras is not None and name in LORA_COMPONENTS else None
         if not gpu.io_binding:
-            return _PlainSession(name, session)
-        return BoundComponent(
-            name, lambda _dims: session, *_io_names(self.manifest.components[name]),
+            return _PlainSession(name, session, variants)
+        bound = BoundComponent(
+            name, lambda _dims, variant=(): variants.session(variant) if variant else session,
+            *_io_names(self.manifest.components[name]),
             device="cuda", device_id=gpu.device_id, graph_slots=graphs,
             max_bound=self.options.max_sessions,  # the same bound as the CPU's sessions per size
         )
+        if variants is not None:
+            variants.on_drop = bound.forget
+        return bound
 
-    def _cuda_session(self, name: str, cuda_graph: bool) -> ort.InferenceSession:
+    def _variant_sessions(self, name: str) -> VariantSessions[ort.InferenceSession]:
+        """At most `max_sessions` LoRA variant sessions of component `name`, each built with the
+        variant's changed weights (W + deltas, fp16 like the package) over the package's own."""
+        base = SharedWeights(self.package, self.manifest.components[name]).arrays  # mapped, read per variant
+
+        def build(variant: Variant) -> ort.InferenceSession:
+            changed = VariantWeights(self.loras.changed_weights(name, variant, base))
+            session = self._cuda_session(name, False, changed)
+            session._kiln_variant_weights = changed  # onnxruntime uses the buffers for the session's life
+            return session
+
+        return VariantSessions(name, build, self.options.max_sessions)
+
+    def _cuda_session(self, name: str, cuda_graph: bool, changed: VariantWeights | None = None) -> ort.InferenceSession:
         path = self.package / self.manifest.components[name].file
         if not path.is_file():
             raise PackageError(f"{path} is missing from the package; re-export it")
@@ -151,11 +177,25 @@ class CudaPipeline(BoundPipeline):
         # kernels. (The CPU path's reason to stop at "extended" — NCHWc weight copies per
         # session — is a CPU transform, and there is one session per component here.)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        disabled = None
+        if changed is not None:
+            # A LoRA variant: its changed weights replace the package's by name, and constant
+            # folding is off (engine/cuda/variants.py, DISABLED_OPTIMIZERS). On CPU, "all" also
+            # built a Conv's reordered weight from the model's initializer, not the one given
+            # here (engine/sessions.py); whether CUDA's "all" passes honour add_initializer is
+            # still to verify on a GPU, so variants stop at "extended".
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            disabled = DISABLED_OPTIMIZERS
+            for weight, value in changed.values.items():
+                so.add_initializer(weight, value)
         so.log_severity_level = 3
         options = cuda_provider_options(self.options.gpu, cuda_graph)
         try:
             # weights.bin is read by onnxruntime itself and copied to the GPU once per component.
-            return ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"])
+            return ort.InferenceSession(
+                str(path), so, providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"],
+                disabled_optimizers=disabled,
+            )
         except Exception as e:  # onnxruntime's Fail/RuntimeException: missing CUDA/cuDNN, no GPU, OOM
             raise PackageError(
                 f"onnxruntime cannot create a CUDA session for {path}: {e} "
@@ -171,11 +211,13 @@ def _io_names(component: Component) -> tuple[list[str], list[str]]:
 class _PlainSession:
     """A CUDA session run with host arrays (no IOBinding): the baseline IOBinding is measured against."""
 
-    def __init__(self, name: str, session: ort.InferenceSession):
+    def __init__(self, name: str, session: ort.InferenceSession, variants: VariantSessions | None = None):
         self.name = name
         self.session = session
+        self.variants = variants
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
 
-    def run(self, feeds: dict[str, np.ndarray], fixed_dims: dict[str, int] | None = None) -> list[np.ndarray]:
-        return self.session.run(self.output_names, feeds)
+    def run(self, feeds: dict[str, np.ndarray], fixed_dims: dict[str, int] | None = None, variant: Variant = ()) -> list[np.ndarray]:
+        session = self.variants.session(variant) if variant else self.session
+        return session.run(self.output_names, feeds)

@@ -23,9 +23,10 @@ from engine.lora.apply import MatchedLora, match_lora
 from engine.lora.errors import LoraError, LoraNotFoundError
 
 # Package targets whose runtime applies LoRAs (engine.pipeline.Pipeline.serves_loras): cpu by
-# onnxruntime sessions per variant, tensorrt by refitting engines built with --refit (not yet
-# run on a GPU). OpenVINO and cuda packages do not (README "LoRAs on GPUs").
-SERVED_BY = ("cpu", "tensorrt")
+# onnxruntime sessions per variant, cuda by a CUDA session per variant (engine/cuda/variants.py),
+# tensorrt by refitting engines built with --refit (cuda and tensorrt not yet run on a GPU).
+# OpenVINO packages do not (README "LoRAs on GPUs").
+SERVED_BY = ("cpu", "cuda", "tensorrt")
 INDEX = "loras.json"
 FOLDER = "loras"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -94,7 +95,7 @@ def add_lora(package: Path, lora_file: Path, name: str, replace: bool = False) -
     target = read_manifest(package).target
     if target not in SERVED_BY:
         raise LoraError(
-            f"{package} is a {target} package; LoRAs are served with {' and '.join(SERVED_BY)} packages for now: "
+            f"{package} is a {target} package; LoRAs are served with {', '.join(SERVED_BY[:-1])} and {SERVED_BY[-1]} packages for now: "
             f"add it to the cpu package of this model"
         )
     loras = list_loras(package)
