@@ -40,8 +40,9 @@ TARGETS = ("cpu", "openvino", "cuda", "tensorrt")
 # Bump when a change to the export code changes what a package holds, so that packages made
 # before it are rebuilt instead of reused.
 # 4: the VAE encoder, unet_in_channels and the VAE latent statistics; 5: weights.json names the
-# torch parameter of each renamed (MatMul) weight, for LoRAs.
-EXPORT_REVISION = "5"
+# torch parameter of each renamed (MatMul) weight, for LoRAs; 6: cuda packages keep attention
+# weights unpacked and every weight in weights.bin with its parameter, for LoRAs.
+EXPORT_REVISION = "6"
 DEFAULT_OPSET = 17
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64"}
 # Native resolution per family: what sizes and defaults derive from.
