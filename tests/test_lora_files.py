@@ -209,15 +209,23 @@ def test_delta_equals_diffusers_load_lora_weights_and_fuse(lora_package, tiny_ch
         write_kohya(pairs, path, family) if layout == "kohya" else write_diffusers(pairs, path)
         pipe.load_lora_weights(str(path))
         pipe.fuse_lora(lora_scale=scale, components=[c for c in ("unet", "text_encoder", "text_encoder_2") if hasattr(pipe, c)])
-        deltas = match_lora(package, path).deltas(scale)
-        for component, by_init in deltas.items():
-            fused = {n.replace("base_layer.", ""): p.detach().numpy() for n, p in getattr(pipe, component).named_parameters()}
-            index, arrays = _package_weights(package, component)
-            for initializer, delta in by_init.items():
-                want = fused[index[initializer].get("param", initializer)]
-                got = arrays[initializer] + delta
-                got = got.T if index[initializer].get("transposed") else got
-                np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6, err_msg=initializer)
+        assert_fused_by_diffusers(pipe, package, match_lora(package, path).deltas(scale))
+
+
+def assert_fused_by_diffusers(pipe, package: Path, deltas: dict) -> int:
+    """The package's weights + `deltas` equal the weights diffusers fused into `pipe`; returns how
+    many weights were compared."""
+    compared = 0
+    for component, by_init in deltas.items():
+        fused = {n.replace("base_layer.", ""): p.detach().numpy() for n, p in getattr(pipe, component).named_parameters()}
+        index, arrays = _package_weights(package, component)
+        for initializer, delta in by_init.items():
+            want = fused[index[initializer].get("param", initializer)]
+            got = arrays[initializer] + delta
+            got = got.T if index[initializer].get("transposed") else got
+            np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6, err_msg=initializer)
+            compared += 1
+    return compared
 
 
 def test_scale_zero_is_a_zero_delta(lora_package, pipeline, tmp_path):

@@ -16,7 +16,7 @@ from engine.lora.apply import package_targets  # noqa: E402
 from engine.lora.ldm_names import UnetBlocks, ldm_unet_key, ldm_unet_names  # noqa: E402
 from export.ldm_layout import original_key  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
-from tests.test_lora_files import RANK, TE_MODULES, _package_weights, pipeline, random_pairs_for, write_kohya  # noqa: E402, F401
+from tests.test_lora_files import RANK, TE_MODULES, _package_weights, assert_fused_by_diffusers, pipeline, random_pairs_for, write_kohya  # noqa: E402, F401
 
 # Every kind of UNet module a kohya LoRA can name, as the file spells it in the ldm layout.
 LDM_FORMS = (
@@ -187,14 +187,4 @@ def test_diffusers_loads_the_ldm_named_file_to_the_same_weights(tiny_package, ti
     path = write_kohya(pairs, tmp_path / "ldm.safetensors", "sdxl")
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora(lora_scale=0.5, components=["unet", "text_encoder", "text_encoder_2"])
-    compared = 0
-    for component, by_init in match_lora(package, path).deltas(0.5).items():
-        fused = {n.replace("base_layer.", ""): p.detach().numpy() for n, p in getattr(pipe, component).named_parameters()}
-        index, arrays = _package_weights(package, component)
-        for initializer, delta in by_init.items():
-            want = fused[index[initializer].get("param", initializer)]
-            got = arrays[initializer] + delta
-            got = got.T if index[initializer].get("transposed") else got
-            np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6, err_msg=initializer)
-            compared += 1
-    assert compared == len(pairs)
+    assert assert_fused_by_diffusers(pipe, package, match_lora(package, path).deltas(0.5)) == len(pairs)
