@@ -135,11 +135,10 @@ def _package_weights(package: Path, component: str) -> tuple[dict, dict[str, np.
 def _torch_fused(pipe, pairs, scale: float) -> dict[tuple[str, str], np.ndarray]:
     """PEFT's merge, written in torch as peft.tuners.lora.layer's get_delta_weight does it."""
     out = {}
-    modules = {(c, n): m for c, n, m in _adapted(pipe)}
     for component, name, down, up, alpha in pairs:
-        w = modules[component, name].weight.detach()
+        w = getattr(pipe, component).get_submodule(name).weight.detach()
         if w.ndim == 4 and w.shape[2:] == (1, 1):
-            delta = (up.squeeze(3).squeeze(2) @ down.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+            delta = (up.flatten(1) @ down.flatten(1)).unsqueeze(2).unsqueeze(3)
         elif w.ndim == 4:
             delta = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
         else:

@@ -16,7 +16,7 @@ from engine.lora.apply import package_targets  # noqa: E402
 from engine.lora.ldm_names import UnetBlocks, ldm_unet_key, ldm_unet_names  # noqa: E402
 from export.ldm_layout import original_key  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
-from tests.test_lora_files import RANK, TE_MODULES, _package_weights, assert_fused_by_diffusers, pipeline, random_pairs_for, write_kohya  # noqa: E402, F401
+from tests.test_lora_files import RANK, TE_MODULES, _package_weights, _torch_fused, assert_fused_by_diffusers, pipeline, random_pairs_for, write_kohya  # noqa: E402, F401
 
 # Every kind of UNet module a kohya LoRA can name, as the file spells it in the ldm layout.
 LDM_FORMS = (
@@ -63,21 +63,6 @@ def _ldm_named(family: str, pairs):
     return [(c, _ldm_module(family, n) if c == "unet" else n, d, u, a) for c, n, d, u, a in pairs]
 
 
-def _fused(pipe, pairs, scale: float) -> dict[tuple[str, str], np.ndarray]:
-    """W + scale * alpha / rank * up @ down, in torch as peft.tuners.lora.layer's get_delta_weight."""
-    out = {}
-    for component, name, down, up, alpha in pairs:
-        w = getattr(pipe, component).get_submodule(name).weight.detach()
-        if w.ndim == 4 and w.shape[2:] == (1, 1):
-            delta = (up.flatten(1) @ down.flatten(1)).unsqueeze(2).unsqueeze(3)
-        elif w.ndim == 4:
-            delta = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
-        else:
-            delta = up @ down
-        out[component, f"{name}.weight"] = (w + scale * alpha / RANK * delta).numpy()
-    return out
-
-
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_ldm_named_lora_has_the_deltas_of_the_diffusers_named_one(tiny_package, pipeline, tmp_path, family):
     from safetensors import safe_open
@@ -104,7 +89,7 @@ def test_ldm_named_lora_equals_the_torch_fused_weights(tiny_package, pipeline, t
     package, pipe = tiny_package(family), pipeline(family)
     pairs = _every_pair(pipe, seed=12)
     path = write_kohya(_ldm_named(family, pairs), tmp_path / "ldm.safetensors", family)
-    expected = _fused(pipe, pairs, 0.5)
+    expected = _torch_fused(pipe, pairs, 0.5)
     compared = 0
     for component, by_init in match_lora(package, path).deltas(0.5).items():
         index, arrays = _package_weights(package, component)
