@@ -88,24 +88,71 @@ def test_health_is_not_serving_while_draining_and_accepted_work_still_finishes(d
     assert draining.finish() == "result"
 
 
+class HoldingProxy:
+    """A TCP proxy in front of a worker whose client-to-worker direction can be held: while held,
+    a call's bytes wait in the proxy, so its deadline passes for certain (a short deadline alone
+    can race a fast loopback answer), and the connection itself stays healthy."""
+
+    def __init__(self, upstream: str):
+        self.host, port = upstream.rsplit(":", 1)
+        self.upstream_port = int(port)
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.address = ""
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    async def __aenter__(self) -> "HoldingProxy":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._tasks.add(asyncio.current_task())
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.upstream_port)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, gate: asyncio.Event | None) -> None:
+            while data := await src.read(65536):
+                if gate is not None:
+                    await gate.wait()
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+            await dst.wait_closed()
+
+        await asyncio.gather(pipe(reader, up_writer, self.flowing), pipe(up_reader, writer, None), return_exceptions=True)
+
+
 def test_a_failed_ready_probe_marks_no_worker_down(tiny_package):
-    """ready() with a probe timeout too short to answer: False, yet the worker stays in routing."""
+    """ready() whose probe times out: False, yet the worker stays in routing and serves next."""
     workers = start_workers(tiny_package("sd1"))
     try:
 
         async def run():
-            async with WorkerPool(workers.addresses, probe_timeout=1e-4) as pool:
-                ready = await pool.ready()
+            async with HoldingProxy(workers.addresses[0]) as proxy, WorkerPool([proxy.address], probe_timeout=0.3) as pool:
+                await pool.models()  # connected
+                proxy.flowing.clear()
+                ready = await pool.ready()  # its request waits in the proxy: deadline exceeded
                 status = pool.status()
+                proxy.flowing.set()
                 request = ImageRequest(model="sd1", prompt="a", width=64, height=64, seed=1, steps=2)
-                return ready, status, await pool.generate(request, timeout=60)
+                return ready, status, await pool.generate(request, timeout=60), proxy.address
 
-        ready, status, result = asyncio.run(run())
+        ready, status, result, address = asyncio.run(run())
     finally:
         workers.stop()
     assert not ready
     assert status[0].up and status[0].failures == 0
-    assert result.worker == workers.addresses[0]
+    assert result.worker == address
 
 
 def in_process_front_end(pool: WorkerPool, package, worker: str, images) -> tuple[str, Callable[[], None]]:
