@@ -26,10 +26,10 @@ from engine.lora.errors import LoraMismatchError, LoraScaleError
 from engine.lora.layouts import COMPONENTS, LoraPair, parse_lora
 from engine.lora.ldm_names import ldm_unet_names
 from engine.lora.safetensors_file import read_safetensors
+from engine.request import MAX_LORA_SCALE, MIN_LORA_SCALE
 
-# Scales a request may ask for. Outside it a LoRA overwhelms the base model (A1111 users rarely
-# go past 1.5); negative scales subtract the style, which some LoRAs are trained for.
-MIN_SCALE, MAX_SCALE = -2.0, 2.0
+# Scales a request may ask for: engine/request.py says why, and validates requests with them.
+MIN_SCALE, MAX_SCALE = MIN_LORA_SCALE, MAX_LORA_SCALE
 
 
 @dataclass(frozen=True)

@@ -131,12 +131,18 @@ def add_lora(package: Path, lora_file: Path, name: str, replace: bool = False) -
     return entry
 
 
-def remove_lora(package: Path, name: str) -> StoredLora:
-    package = Path(package)
+def _stored(package: Path, name: str) -> tuple[dict[str, StoredLora], StoredLora]:
+    """(every LoRA of the package, the one named `name`), or LoraNotFoundError listing them."""
     loras = list_loras(package)
     if name not in loras:
         raise LoraNotFoundError(_not_found(package, name, loras))
-    entry = loras.pop(name)
+    return loras, loras[name]
+
+
+def remove_lora(package: Path, name: str) -> StoredLora:
+    package = Path(package)
+    loras, entry = _stored(package, name)
+    del loras[name]
     _write_index(package, loras)  # the index first: a LoRA it does not list is never served
     (package / entry.file).unlink(missing_ok=True)
     return entry
@@ -145,10 +151,7 @@ def remove_lora(package: Path, name: str) -> StoredLora:
 def load_lora(package: Path, name: str) -> MatchedLora:
     """The stored LoRA `name`, checked against the package again (its hash too), ready for `deltas(scale)`."""
     package = Path(package)
-    loras = list_loras(package)
-    if name not in loras:
-        raise LoraNotFoundError(_not_found(package, name, loras))
-    return load_entry(package, loras[name])
+    return load_entry(package, _stored(package, name)[1])
 
 
 def load_entry(package: Path, entry: StoredLora) -> MatchedLora:
